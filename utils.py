@@ -516,7 +516,7 @@ def train_loop(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]],
                 scale_before = scaler.get_scale()
                 scaler.step(optimizer)  # skips the update itself when it found inf/NaN gradients
                 scaler.update()
-                applied = scaler.get_scale() >= scale_before and bool(finite)
+                applied = scaler.get_scale() >= scale_before  # the scale backs off exactly when it skipped
             else:
                 applied = bool(finite)
                 if applied:
