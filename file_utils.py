@@ -3,14 +3,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import shutil
+import tarfile
 import tempfile
-from pathlib import Path
-from typing import Any, Iterator, Union
+import time
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterator, Optional, Union
+from urllib.parse import unquote, urlparse
 
 import torch
 
 PathLike = Union[str, os.PathLike]
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -89,3 +97,401 @@ def sha256sum(path: PathLike, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# --- cached downloads: local paths, http(s) and s3 ---------------------------------------------------------------
+
+CONNECT_TIMEOUT_S = 10.0
+"""Seconds a server gets to accept a connection, so an offline machine fails in seconds instead of hanging."""
+READ_TIMEOUT_S = 60.0
+"""Seconds without a byte before a transfer counts as stalled (it is then retried from where it stopped)."""
+RETRIES = 2
+"""Extra attempts after a network failure; each one resumes the partial file instead of starting over."""
+RETRY_BACKOFF_S = 1.0
+"""Pause before retry ``n`` is ``n * RETRY_BACKOFF_S`` seconds."""
+CHUNK_SIZE = 1 << 16
+"""Bytes per read: an interrupted transfer loses at most the chunk in flight; the rest stays in the partial file."""
+
+
+class DownloadError(OSError):
+    """A remote file could not be fetched (unreachable host, not found, interrupted); the message names the URL."""
+
+
+class ChecksumError(DownloadError):
+    """A file's digest differs from the expected one; the message names the source and both digests."""
+
+
+class UnsafeArchiveError(ValueError):
+    """An archive member would land outside the extraction folder; the message names the archive and member."""
+
+
+class _Transient(Exception):
+    """A failure worth another attempt: connection refused or reset, timeout, 5xx status, short read."""
+
+
+def default_cache_dir() -> Path:
+    """Where :func:`cached_path` keeps downloads: ``$BERT_CACHE`` if set, else ``~/.cache/bert_recipe``."""
+    return Path(os.environ.get("BERT_CACHE") or Path.home() / ".cache" / "bert_recipe")
+
+
+def is_remote(url_or_path: PathLike) -> bool:
+    """True for ``http://``, ``https://`` and ``s3://`` addresses; False for local paths and ``file://`` URLs."""
+    return urlparse(str(url_or_path)).scheme in ("http", "https", "s3")
+
+
+def cached_path(
+    url_or_path: PathLike,
+    cache_dir: Optional[PathLike] = None,
+    sha256: Optional[str] = None,
+    md5: Optional[str] = None,
+    progress: bool = True,
+) -> Path:
+    """Return a local path for a local file or a URL, downloading a URL only the first time.
+
+    Local paths (and ``file://`` URLs) come back as they are, after the optional digest check. ``http(s)://`` and
+    ``s3://`` URLs are fetched with :func:`download_file` into ``cache_dir`` (default :func:`default_cache_dir`) as
+    ``<hash of URL>-<basename>``, so two URLs that both end in ``vocab.txt`` never share a file. A complete cached
+    file is returned without touching the network.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+        DownloadError: the URL could not be fetched (the message says the machine may be offline).
+        ChecksumError: the file does not match ``sha256`` / ``md5`` (a downloaded file is deleted first).
+    """
+    source = str(url_or_path)
+    if not is_remote(source):
+        path = _local_path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"no such file or directory: {path}")
+        if sha256 or md5:
+            _verify(path, sha256, md5, source=str(path), delete=False)
+        return path
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
+    return download_file(source, cache / f"{key}-{_basename(source)}", sha256=sha256, md5=md5, progress=progress)
+
+
+def download_file(
+    url_or_path: PathLike,
+    dest: PathLike,
+    *,
+    sha256: Optional[str] = None,
+    md5: Optional[str] = None,
+    progress: bool = True,
+) -> Path:
+    """Fetch one file to exactly ``dest`` and return ``dest``; a rerun resumes where an interrupted one stopped.
+
+    Bytes go to ``<dest>.partial`` (its HTTP ETag / Last-Modified or S3 ETag kept in ``<dest>.partial.validator``,
+    so a resume never splices two versions of a file together); the partial file is renamed to ``dest`` only once it
+    is complete and matches the given digests. An existing ``dest`` that matches (or when no digest is given) is
+    returned without any network access; one that does not match is fetched again. A local source is copied the
+    same way, so a download mirror can be a plain folder.
+    """
+    dest = Path(dest)
+    source = str(url_or_path)
+    if dest.is_file():
+        try:
+            _verify(dest, sha256, md5, source=str(dest), delete=False)
+            return dest
+        except ChecksumError as exc:
+            logger.warning("%s; fetching it again", exc)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    if is_remote(source):
+        logger.info("downloading %s -> %s", source, dest)
+        _fetch_with_retries(source, partial, progress)
+    else:
+        local = _local_path(source)
+        if not local.is_file():
+            raise FileNotFoundError(f"no such file: {local}")
+        shutil.copyfile(local, partial)
+    _verify(partial, sha256, md5, source=source, delete=True)
+    os.replace(partial, dest)
+    _validator_file(partial).unlink(missing_ok=True)
+    return dest
+
+
+def _local_path(source: str) -> Path:
+    parsed = urlparse(source)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    return Path(source).expanduser()
+
+
+def _basename(url: str) -> str:
+    return unquote(PurePosixPath(urlparse(url).path).name) or "download"
+
+
+def _validator_file(partial: Path) -> Path:
+    return partial.with_name(partial.name + ".validator")
+
+
+def _read_validator(partial: Path) -> str:
+    try:
+        return _validator_file(partial).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return ""
+
+
+def _write_validator(partial: Path, validator: str) -> None:
+    if validator:
+        _validator_file(partial).write_text(validator, encoding="utf-8")
+    else:
+        _validator_file(partial).unlink(missing_ok=True)
+
+
+def _discard_partial(partial: Path) -> None:
+    partial.unlink(missing_ok=True)
+    _validator_file(partial).unlink(missing_ok=True)
+
+
+def _verify(path: Path, sha256: Optional[str], md5: Optional[str], *, source: str, delete: bool) -> None:
+    """Raise :class:`ChecksumError` unless ``path`` has the given digests; with ``delete`` remove it first."""
+    expected = {name: value.lower() for name, value in (("sha256", sha256), ("md5", md5)) if value}
+    if not expected:
+        return
+    digests = {name: hashlib.new(name) for name in expected}
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK_SIZE), b""):
+            for digest in digests.values():
+                digest.update(chunk)
+    for name, value in expected.items():
+        actual = digests[name].hexdigest()
+        if actual != value:
+            if delete:
+                _discard_partial(path)
+            note = "; the bad download was deleted, run again to fetch it anew" if delete else f" (file {path})"
+            raise ChecksumError(f"checksum mismatch for {source}: expected {name} {value}, got {actual}{note}")
+
+
+def _fetch_with_retries(url: str, partial: Path, progress: bool) -> None:
+    """Run the fetcher for ``url``'s scheme, retrying transient failures a couple of times, then fail clearly."""
+    fetch: Callable[[str, Path, bool], None] = _fetch_s3 if url.startswith("s3://") else _fetch_http
+    last: Optional[_Transient] = None
+    for attempt in range(RETRIES + 1):
+        if attempt:
+            logger.warning("download of %s failed (%s); retry %d of %d", url, last, attempt, RETRIES)
+            time.sleep(RETRY_BACKOFF_S * attempt)
+        try:
+            fetch(url, partial, progress)
+            return
+        except _Transient as exc:
+            last = exc
+    kept = partial.stat().st_size if partial.exists() else 0
+    if kept:
+        raise DownloadError(
+            f"download of {url} failed after {RETRIES + 1} attempts: {last}; the {kept} bytes received are kept in "
+            f"{partial} and running again resumes from there"
+        )
+    raise DownloadError(
+        f"cannot download {url}: {last}. Check the address; this machine may be offline or unable to reach the "
+        "host (a mirror or a pre-downloaded local file avoids the network)"
+    )
+
+
+def _stream_to(partial: Path, chunks: Iterator[bytes], start: int, total: Optional[int], desc: str,
+               progress: bool) -> None:
+    """Append (``start`` > 0) or write ``chunks`` to ``partial`` with a progress bar; check the final size."""
+    from tqdm.auto import tqdm
+
+    with open(partial, "ab" if start else "wb") as handle, tqdm(
+        total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress
+    ) as bar:
+        for chunk in chunks:
+            handle.write(chunk)
+            bar.update(len(chunk))
+        handle.flush()
+        os.fsync(handle.fileno())
+    size = partial.stat().st_size
+    if total is not None and size > total:
+        _discard_partial(partial)
+        raise _Transient(f"received {size} bytes but the file has {total}; starting over")
+    if total is not None and size < total:
+        raise _Transient(f"connection closed after {size} of {total} bytes")
+
+
+def _content_range(header: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+    """``bytes 100-199/1000`` -> (100, 1000); ``bytes */1000`` -> (None, 1000); unknown parts are None."""
+    if not header or not header.startswith("bytes "):
+        return None, None
+    span, _, total = header[len("bytes "):].partition("/")
+    first = span.split("-", 1)[0]
+    return (int(first) if first.isdigit() else None), (int(total) if total.isdigit() else None)
+
+
+def _fetch_http(url: str, partial: Path, progress: bool) -> None:
+    """One HTTP(S) attempt: resume via ``Range`` + ``If-Range`` when a partial file exists, else start fresh."""
+    import requests
+
+    offset = partial.stat().st_size if partial.exists() else 0
+    # identity: a gzip-encoded body would make byte offsets and Content-Length refer to different bytes.
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        validator = _read_validator(partial)
+        if validator:
+            headers["If-Range"] = validator  # the server sends the whole new file if it changed since
+    try:
+        with requests.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)) as resp:
+            if resp.status_code == 416 and offset:
+                if _content_range(resp.headers.get("Content-Range"))[1] == offset:
+                    return  # the partial file already holds every byte; only the rename was missing
+                _discard_partial(partial)
+                raise _Transient(f"server refused to resume at byte {offset}; starting over")
+            if resp.status_code >= 500 or resp.status_code == 429:
+                raise _Transient(f"HTTP {resp.status_code} {resp.reason}")
+            if resp.status_code >= 400:
+                raise DownloadError(f"cannot download {url}: HTTP {resp.status_code} {resp.reason}")
+            start = 0
+            if resp.status_code == 206:
+                start = _content_range(resp.headers.get("Content-Range"))[0] or 0
+                if start != offset:
+                    _discard_partial(partial)
+                    raise _Transient(f"server resumed at byte {start} instead of {offset}; starting over")
+            else:
+                etag = resp.headers.get("ETag", "")
+                _write_validator(partial, etag if etag and not etag.startswith("W/") else
+                                 resp.headers.get("Last-Modified", ""))
+            length = resp.headers.get("Content-Length")
+            total = start + int(length) if length is not None and length.isdigit() else None
+            _stream_to(partial, resp.iter_content(CHUNK_SIZE), start, total, _basename(url), progress)
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+        raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+    except requests.RequestException as exc:
+        raise DownloadError(f"cannot download {url}: {type(exc).__name__}: {exc}") from exc
+
+
+def _s3_client() -> Any:
+    """A boto3 S3 client honouring ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``; anonymous when no credentials."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    session = boto3.session.Session()
+    config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+                    retries={"total_max_attempts": 1})  # our own loop retries, resuming the partial file
+    if session.get_credentials() is None:
+        config = config.merge(Config(signature_version=UNSIGNED))  # public buckets need no account
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    return session.client("s3", endpoint_url=endpoint, config=config)
+
+
+def _fetch_s3(url: str, partial: Path, progress: bool) -> None:
+    """One S3 attempt: ranged ``GetObject`` pinned to the object's ETag when a partial file exists."""
+    from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError, IncompleteReadError
+
+    parsed = urlparse(url)
+    bucket, key = parsed.netloc, parsed.path.lstrip("/")
+    if not bucket or not key:
+        raise DownloadError(f"malformed S3 URL {url}: expected s3://<bucket>/<key>")
+    try:
+        client = _s3_client()
+        head = client.head_object(Bucket=bucket, Key=key)
+        total, etag = int(head["ContentLength"]), head.get("ETag", "")
+        offset = partial.stat().st_size if partial.exists() else 0
+        if offset and (offset > total or _read_validator(partial) != etag):
+            offset = 0  # the object changed (or the partial file is not ours): start over
+        if offset and offset == total:
+            return
+        request = {"Bucket": bucket, "Key": key}
+        if offset:
+            request.update(Range=f"bytes={offset}-", IfMatch=etag)
+        else:
+            _write_validator(partial, etag)
+        body = client.get_object(**request)["Body"]
+        _stream_to(partial, body.iter_chunks(CHUNK_SIZE), offset, total, _basename(url), progress)
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if status == 412:
+            _discard_partial(partial)
+            raise _Transient("the object changed while resuming; starting over") from exc
+        if status >= 500 or error.get("Code") in ("SlowDown", "RequestTimeout"):
+            raise _Transient(f"S3 {error.get('Code')}: {error.get('Message')}") from exc
+        raise DownloadError(f"cannot download {url}: S3 error {error.get('Code') or status}"
+                            f"{': ' + error['Message'] if error.get('Message') else ''}") from exc
+    except (ConnectionError, HTTPClientError, IncompleteReadError) as exc:
+        raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+    except BotoCoreError as exc:
+        raise DownloadError(f"cannot download {url}: {type(exc).__name__}: {exc}") from exc
+
+
+# --- safe archive extraction ---------------------------------------------------------------------------------------
+
+_ZIP_SUFFIXES = (".zip",)
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+def safe_extract(archive: PathLike, dest: PathLike, *, overwrite: bool = False) -> Path:
+    """Extract a zip or tar (plain, .gz, .bz2, .xz) archive into folder ``dest`` in one step; return ``dest``.
+
+    Every member is checked before anything is written: an absolute path, a ``..`` component, a symlink or hard
+    link whose target leaves ``dest``, or a device / FIFO entry raises :class:`UnsafeArchiveError` naming the
+    member (zip symlink entries are written as small regular files by :mod:`zipfile`, so they cannot escape).
+    Members go to a temporary folder beside ``dest`` that is renamed to ``dest`` only when extraction finished, so
+    ``dest`` is either absent or complete. An existing ``dest`` is an error unless ``overwrite`` replaces it.
+    """
+    archive, dest = Path(archive), Path(dest)
+    if not archive.is_file():
+        raise FileNotFoundError(f"archive not found: {archive}")
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"extraction target already exists: {dest} (pass overwrite=True to replace it)")
+    name = archive.name.lower()
+    if name.endswith(_ZIP_SUFFIXES) or (not name.endswith(_TAR_SUFFIXES) and zipfile.is_zipfile(archive)):
+        extract: Callable[[Path, Path], None] = _extract_zip
+    elif name.endswith(_TAR_SUFFIXES) or tarfile.is_tarfile(archive):
+        extract = _extract_tar
+    else:
+        raise ValueError(f"{archive} is neither a zip nor a tar archive")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".extracting", dir=dest.parent))
+    try:
+        extract(archive, tmp)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _check_member(archive: Path, name: str, link: Optional[str] = None, hardlink: bool = False) -> None:
+    """Raise :class:`UnsafeArchiveError` if member ``name`` (or the ``link`` target it points to) leaves the root."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or (len(name) > 1 and name[1] == ":") or ".." in path.parts:
+        raise UnsafeArchiveError(f"{archive}: refusing member {name!r}, whose path leaves the extraction folder")
+    if link is None:
+        return
+    target = PurePosixPath(link.replace("\\", "/"))
+    # A symlink target is relative to the link's folder; a tar hard-link target is relative to the archive root.
+    resolved = os.path.normpath(str(target if hardlink else path.parent / target))
+    if target.is_absolute() or resolved == ".." or resolved.startswith("../"):
+        kind = "hard link" if hardlink else "symlink"
+        raise UnsafeArchiveError(f"{archive}: refusing {kind} member {name!r} -> {link!r}, which points outside "
+                                 "the extraction folder")
+
+
+def _extract_zip(archive: Path, root: Path) -> None:
+    with zipfile.ZipFile(archive) as handle:
+        for info in handle.infolist():
+            _check_member(archive, info.filename)
+        handle.extractall(root)
+
+
+def _extract_tar(archive: Path, root: Path) -> None:
+    with tarfile.open(archive) as handle:
+        members = handle.getmembers()
+        for member in members:
+            if member.ischr() or member.isblk() or member.isfifo():
+                raise UnsafeArchiveError(f"{archive}: refusing special-file member {member.name!r}")
+            _check_member(archive, member.name, member.linkname if member.issym() or member.islnk() else None,
+                          hardlink=member.islnk())
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: the stdlib's own checks as a second guard
+            handle.extractall(root, members=members, filter="data")
+        else:
+            handle.extractall(root, members=members)

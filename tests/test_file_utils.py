@@ -1,0 +1,372 @@
+"""file_utils: atomic writes, checkpoints, cached downloads (http with Range, s3 via moto), safe extraction."""
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import socket
+import tarfile
+import threading
+import zipfile
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+import file_utils
+from file_utils import (
+    ChecksumError,
+    CheckpointError,
+    DownloadError,
+    UnsafeArchiveError,
+    atomic_write,
+    cached_path,
+    download_file,
+    load_checkpoint,
+    load_state_dict_file,
+    safe_extract,
+    save_checkpoint,
+    sha256sum,
+)
+
+
+# --- a local HTTP server that speaks Range / If-Range -------------------------------------------------------------
+
+class FileServer:
+    """Threaded HTTP server on 127.0.0.1 serving in-memory files, with byte ranges, ETags and fault injection.
+
+    ``files`` maps URL paths to bytes; ``requests`` records ``(path, headers)`` of every GET; ``bytes_sent`` counts
+    body bytes; ``truncate[path] = n`` makes the next response for ``path`` stop after ``n`` body bytes and close.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        self.bytes_sent = 0
+        self.truncate: dict[str, int] = {}
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                path = self.path.split("?", 1)[0]
+                owner.requests.append((path, dict(self.headers)))
+                body = owner.files.get(path)
+                if body is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+                start, status = 0, 200
+                wanted = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+                if wanted and self.headers.get("If-Range", etag) == etag:
+                    start, status = int(wanted.group(1)), 206
+                    if start >= len(body):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                payload = body[start:]
+                self.send_response(status)
+                self.send_header("ETag", etag)
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Length", str(len(payload)))
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                self.end_headers()
+                cut = owner.truncate.pop(path, None)
+                if cut is not None:
+                    payload = payload[:cut]
+                    self.close_connection = True
+                self.wfile.write(payload)
+                owner.bytes_sent += len(payload)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def gets(self, path: str) -> list[dict[str, str]]:
+        return [headers for seen, headers in self.requests if seen == path]
+
+    def __enter__(self) -> "FileServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    with FileServer() as srv:
+        yield srv
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(file_utils, "RETRY_BACKOFF_S", 0.01)
+
+
+def closed_port_url(path: str = "/x.bin") -> str:
+    """A URL on 127.0.0.1 whose port has nothing listening, so connecting is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}{path}"
+
+
+PAYLOAD = bytes(range(256)) * 3000  # 768,000 bytes: several 1 MiB chunks are not needed to exercise resume
+
+
+# --- core: atomic writes and checkpoints ------------------------------------------------------------------------
+
+def test_atomic_write_leaves_old_file_on_error(tmp_path: Path) -> None:
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target, "w") as handle:
+            handle.write("new")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_checkpoint_round_trip_and_clear_errors(tmp_path: Path) -> None:
+    state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}}
+    save_checkpoint(state, tmp_path / "ckpt.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "ckpt.pt")["model"]["w"], state["model"]["w"])
+    assert set(load_state_dict_file(tmp_path / "ckpt.pt")) == {"w"}
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        load_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+    assert sha256sum(tmp_path / "bad.pt") == hashlib.sha256(b"not a checkpoint").hexdigest()
+
+
+# --- cached_path / download_file over HTTP ---------------------------------------------------------------------
+
+def test_http_download_then_cache_hit_without_network(server: FileServer, tmp_path: Path) -> None:
+    server.files["/data/vocab.txt"] = PAYLOAD
+    url = server.url("/data/vocab.txt")
+    first = cached_path(url, cache_dir=tmp_path, sha256=hashlib.sha256(PAYLOAD).hexdigest(), progress=False)
+    assert first.read_bytes() == PAYLOAD
+    assert first.parent == tmp_path and first.name.endswith("-vocab.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # no .partial / .validator left
+    server.httpd.shutdown()  # from here on the network is gone: the cached copy must be enough
+    again = cached_path(url, cache_dir=tmp_path, md5=hashlib.md5(PAYLOAD).hexdigest(), progress=False)
+    assert again == first and len(server.gets("/data/vocab.txt")) == 1
+
+
+def test_cache_dir_defaults_to_env(server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server.files["/f.bin"] = b"abc"
+    monkeypatch.setenv("BERT_CACHE", str(tmp_path / "cache"))
+    assert cached_path(server.url("/f.bin"), progress=False).parent == tmp_path / "cache"
+
+
+def test_same_basename_from_two_urls_does_not_collide(server: FileServer, tmp_path: Path) -> None:
+    server.files["/a/vocab.txt"], server.files["/b/vocab.txt"] = b"first", b"second"
+    a = cached_path(server.url("/a/vocab.txt"), cache_dir=tmp_path, progress=False)
+    b = cached_path(server.url("/b/vocab.txt"), cache_dir=tmp_path, progress=False)
+    assert a != b and a.read_bytes() == b"first" and b.read_bytes() == b"second"
+
+
+def test_resume_partial_file_with_range(server: FileServer, tmp_path: Path) -> None:
+    server.files["/big.bin"] = PAYLOAD
+    dest = tmp_path / "big.bin"
+    half = len(PAYLOAD) // 2
+    (tmp_path / "big.bin.partial").write_bytes(PAYLOAD[:half])
+    download_file(server.url("/big.bin"), dest, sha256=hashlib.sha256(PAYLOAD).hexdigest(), progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    assert server.gets("/big.bin")[0]["Range"] == f"bytes={half}-"
+    assert server.bytes_sent == len(PAYLOAD) - half
+
+
+def test_interrupted_transfer_is_retried_from_where_it_stopped(server: FileServer, tmp_path: Path) -> None:
+    server.files["/big.bin"] = PAYLOAD
+    server.truncate["/big.bin"] = 100_000  # first response dies after 100 kB
+    dest = download_file(server.url("/big.bin"), tmp_path / "big.bin", progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    first, second = server.gets("/big.bin")
+    assert "Range" not in first and second["If-Range"].startswith('"')
+    kept = int(re.fullmatch(r"bytes=(\d+)-", second["Range"]).group(1))  # whole chunks written before the cut
+    assert 0 < kept <= 100_000 and server.bytes_sent == 100_000 + len(PAYLOAD) - kept
+
+
+def test_changed_remote_file_restarts_instead_of_splicing(server: FileServer, tmp_path: Path) -> None:
+    server.files["/f.bin"] = PAYLOAD
+    (tmp_path / "f.bin.partial").write_bytes(b"x" * 1000)
+    (tmp_path / "f.bin.partial.validator").write_text('"an-older-version"')
+    dest = download_file(server.url("/f.bin"), tmp_path / "f.bin", progress=False)
+    assert dest.read_bytes() == PAYLOAD  # If-Range did not match: the server sent the whole file
+
+
+def test_checksum_mismatch_deletes_download_and_names_hashes(server: FileServer, tmp_path: Path) -> None:
+    server.files["/f.bin"] = PAYLOAD
+    url = server.url("/f.bin")
+    with pytest.raises(ChecksumError) as info:
+        cached_path(url, cache_dir=tmp_path, sha256="0" * 64, progress=False)
+    message = str(info.value)
+    assert url in message and "0" * 64 in message and hashlib.sha256(PAYLOAD).hexdigest() in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreachable_url_fails_fast_with_clear_error(tmp_path: Path) -> None:
+    url = closed_port_url()
+    with pytest.raises(DownloadError, match="offline") as info:
+        cached_path(url, cache_dir=tmp_path, progress=False)
+    assert url in str(info.value) and isinstance(info.value, OSError)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_http_404_is_not_retried(server: FileServer, tmp_path: Path) -> None:
+    url = server.url("/missing.json")
+    with pytest.raises(DownloadError, match="404") as info:
+        cached_path(url, cache_dir=tmp_path, progress=False)
+    assert url in str(info.value) and len(server.gets("/missing.json")) == 1
+
+
+def test_local_paths_are_returned_as_is(tmp_path: Path) -> None:
+    local = tmp_path / "vocab.txt"
+    local.write_text("[PAD]\n")
+    assert cached_path(local) == local
+    assert cached_path(local.as_uri()) == local
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        cached_path(tmp_path / "nope.txt")
+    with pytest.raises(ChecksumError, match="vocab.txt"):
+        cached_path(local, md5="0" * 32)
+    assert local.exists()  # a user's own file is never deleted on mismatch
+
+
+def test_download_file_copies_local_sources(tmp_path: Path) -> None:
+    (tmp_path / "src.txt").write_text("hello")
+    dest = download_file(tmp_path / "src.txt", tmp_path / "out" / "dst.txt", sha256=hashlib.sha256(b"hello").hexdigest())
+    assert dest.read_text() == "hello"
+
+
+# --- s3:// against moto's S3 server on 127.0.0.1 ------------------------------------------------------------------
+
+@pytest.fixture
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    moto_server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto_server.start()
+    host, port = moto_server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    try:
+        yield endpoint
+    finally:
+        moto_server.stop()
+
+
+def test_s3_download_resume_and_errors(s3_endpoint: str, tmp_path: Path) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket="corpus")
+    client.put_object(Bucket="corpus", Key="wiki/part-0.txt", Body=PAYLOAD)
+    url = "s3://corpus/wiki/part-0.txt"
+
+    path = cached_path(url, cache_dir=tmp_path / "cache", sha256=hashlib.sha256(PAYLOAD).hexdigest(), progress=False)
+    assert path.read_bytes() == PAYLOAD and path.name.endswith("-part-0.txt")
+
+    # Resume: a partial file tagged with the object's ETag keeps its bytes (here deliberately marked) and only the
+    # rest is fetched with a ranged GET; the marker bytes surviving proves the existing prefix was not re-fetched.
+    etag = client.head_object(Bucket="corpus", Key="wiki/part-0.txt")["ETag"]
+    dest = tmp_path / "resumed.txt"
+    (tmp_path / "resumed.txt.partial").write_bytes(b"#" * 1000)
+    (tmp_path / "resumed.txt.partial.validator").write_text(etag)
+    assert download_file(url, dest, progress=False).read_bytes() == b"#" * 1000 + PAYLOAD[1000:]
+
+    # A partial file from another version of the object (ETag differs) is thrown away, not spliced.
+    (tmp_path / "fresh.txt.partial").write_bytes(b"#" * 1000)
+    (tmp_path / "fresh.txt.partial.validator").write_text('"stale"')
+    assert download_file(url, tmp_path / "fresh.txt", progress=False).read_bytes() == PAYLOAD
+
+    with pytest.raises(DownloadError, match="s3://corpus/missing.txt"):
+        download_file("s3://corpus/missing.txt", tmp_path / "missing.txt", progress=False)
+
+
+# --- safe_extract ----------------------------------------------------------------------------------------------
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as handle:
+        for name, data in members.items():
+            handle.writestr(zipfile.ZipInfo(name), data)
+    return path
+
+
+def _tar(path: Path, members: list[tarfile.TarInfo], mode: str = "w:gz") -> Path:
+    with tarfile.open(path, mode) as handle:
+        for info in members:
+            data = b"payload" if info.isreg() else b""
+            info.size = len(data)
+            handle.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return path
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    return info
+
+
+def test_safe_extract_zip_and_tar_atomically(tmp_path: Path) -> None:
+    archive = _zip(tmp_path / "CoLA.zip", {"CoLA/train.tsv": b"a\tb\n", "CoLA/original/raw.tsv": b"x"})
+    out = safe_extract(archive, tmp_path / "out")
+    assert (out / "CoLA" / "train.tsv").read_bytes() == b"a\tb\n"
+    with pytest.raises(FileExistsError, match="out"):
+        safe_extract(archive, tmp_path / "out")
+    tarball = _tar(tmp_path / "t.tar.bz2", [_member("d/f.txt"), _member("d/alias", tarfile.SYMTYPE, "f.txt"),
+                                            _member("d/same", tarfile.LNKTYPE, "d/f.txt")], mode="w:bz2")
+    safe_extract(tarball, tmp_path / "out", overwrite=True)
+    assert (out / "d" / "alias").resolve() == (out / "d" / "f.txt").resolve()
+    assert (out / "d" / "same").read_bytes() == b"payload" and not (out / "CoLA").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CoLA.zip", "out", "t.tar.bz2"]  # no temp folders
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", "/abs/evil.txt", "ok/../../evil.txt"])
+def test_safe_extract_refuses_escaping_zip_members(tmp_path: Path, name: str) -> None:
+    archive = _zip(tmp_path / "bad.zip", {"fine.txt": b"ok", name: b"evil"})
+    with pytest.raises(UnsafeArchiveError, match=re.escape(repr(name))):
+        safe_extract(archive, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip"]
+
+
+@pytest.mark.parametrize("member", [
+    _member("../evil.txt"),
+    _member("/tmp/evil.txt"),
+    _member("link", tarfile.SYMTYPE, "../../outside"),
+    _member("sub/link", tarfile.SYMTYPE, "/etc/passwd"),
+    _member("hard", tarfile.LNKTYPE, "../outside"),
+    _member("fifo", tarfile.FIFOTYPE),
+], ids=["dotdot", "absolute", "symlink-up", "symlink-absolute", "hardlink-up", "fifo"])
+def test_safe_extract_refuses_escaping_tar_members(tmp_path: Path, member: tarfile.TarInfo) -> None:
+    archive = _tar(tmp_path / "bad.tar.gz", [_member("fine.txt"), member])
+    with pytest.raises(UnsafeArchiveError, match=re.escape(repr(member.name))):
+        safe_extract(archive, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tar.gz"]
+
+
+def test_safe_extract_rejects_non_archives(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("plain text")
+    with pytest.raises(ValueError, match="notes.txt"):
+        safe_extract(tmp_path / "notes.txt", tmp_path / "out")
