@@ -108,12 +108,9 @@ def check_arguments(args: argparse.Namespace, world_size: int) -> None:
     if not Path(args.input_dir).is_dir():
         raise FileNotFoundError(f"--input_dir {args.input_dir} is not a folder")
     existing = utils.CheckpointManager(args.output_dir).checkpoints()
-    if existing and not args.resume_from_checkpoint and args.init_checkpoint is None:
+    if existing and not args.resume_from_checkpoint:
         raise ValueError(f"--output_dir {args.output_dir} already holds checkpoints ({existing[-1][1].name}, ...); "
                          "pass --resume_from_checkpoint to continue, or choose an empty folder")
-    if args.phase2 and not (args.resume_from_checkpoint or args.init_checkpoint):
-        raise ValueError("--phase2 needs --resume_from_checkpoint (phase 1's checkpoints in --output_dir) "
-                         "or --init_checkpoint")
 
 
 def build_config(args: argparse.Namespace) -> BertConfig:
@@ -129,30 +126,35 @@ def build_config(args: argparse.Namespace) -> BertConfig:
     return config
 
 
-def find_resume_checkpoint(args: argparse.Namespace, manager: utils.CheckpointManager) -> Optional[Path]:
-    """The checkpoint this run starts from: --init_checkpoint, ckpt_<resume_step>.pt, or the newest one."""
+def find_resume_checkpoint(args: argparse.Namespace, manager: utils.CheckpointManager) -> tuple[Optional[Path], bool]:
+    """The checkpoint this run starts from, and whether it continues a run in --output_dir.
+
+    With --resume_from_checkpoint the run's own checkpoints win (ckpt_<resume_step>.pt, else the newest), so a
+    preempted and requeued job resumes where it stopped; --init_checkpoint is the start only when there are none.
+    """
+    if args.resume_from_checkpoint:
+        if args.resume_step >= 0:
+            path = manager.path_for(args.resume_step)
+            if not path.is_file():
+                raise CheckpointError(f"--resume_step {args.resume_step}: {path} does not exist")
+            return path, True
+        if manager.latest() is not None:
+            return manager.latest(), True
     if args.init_checkpoint:
-        return Path(args.init_checkpoint)
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_step >= 0:
-        path = manager.path_for(args.resume_step)
-        if not path.is_file():
-            raise CheckpointError(f"--resume_step {args.resume_step}: {path} does not exist")
-        return path
-    path = manager.latest()
-    if path is None and args.phase2:
-        raise CheckpointError(f"--phase2: no ckpt_<step>.pt from phase 1 in --output_dir {args.output_dir}")
-    return path
+        return Path(args.init_checkpoint), False
+    if args.phase2:
+        raise CheckpointError(f"--phase2: no ckpt_<step>.pt from phase 1 in --output_dir {args.output_dir} "
+                              "and no --init_checkpoint")
+    return None, False
 
 
-def restore(path: Path, args: argparse.Namespace, model: BertForPreTraining, optimizer: torch.optim.Optimizer,
-            scheduler: Any, scaler: torch.amp.GradScaler, state: utils.TrainState,
+def restore(path: Path, continuing: bool, args: argparse.Namespace, model: BertForPreTraining,
+            optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler, state: utils.TrainState,
             manager: utils.CheckpointManager) -> Optional[dict]:
     """Load a checkpoint into the run. Returns the saved data-loader position when continuing the same phase.
 
-    * same phase (a phase-1 checkpoint in phase 1, a phase-2 one in phase 2): everything is restored, strictly;
-    * phase 1 -> phase 2, or any --init_checkpoint that is a training checkpoint: the model and LAMB moments
+    * this run's own checkpoint of the same phase: everything is restored, strictly;
+    * phase 1 -> phase 2, or an --init_checkpoint that is a training checkpoint: the model and LAMB moments
       carry over, the step, schedule, scaler and data position start afresh (the reference's phase-2 rule);
     * a weights-only file (Hugging Face, a fine-tuned or reference export): the model only.
     """
@@ -168,14 +170,15 @@ def restore(path: Path, args: argparse.Namespace, model: BertForPreTraining, opt
         return None
     model.load_state_dict(checkpoint["model"], strict=True)
     optimizer.load_state_dict(checkpoint["optimizer"])
-    same_phase = args.init_checkpoint is None and checkpoint.get("phase", 1) == (2 if args.phase2 else 1)
+    same_phase = continuing and checkpoint.get("phase", 1) == (2 if args.phase2 else 1)
     if not same_phase:
         for group in optimizer.param_groups:  # new phase: new peak lr; the moments (exp_avg/exp_avg_sq) stay
             group["lr"] = args.learning_rate
             group["initial_lr"] = args.learning_rate
         for param_state in optimizer.state.values():
             if "step" in param_state:
-                param_state["step"] = torch.zeros_like(torch.as_tensor(param_state["step"]))
+                step = param_state["step"]
+                param_state["step"] = torch.zeros_like(step) if isinstance(step, torch.Tensor) else 0
         return None
     scheduler.load_state_dict(checkpoint["scheduler"])
     scaler.load_state_dict(checkpoint["grad_scaler"])
@@ -212,8 +215,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             scaler.set_growth_interval(2**31 - 1)
         state = utils.TrainState()
         manager = utils.CheckpointManager(args.output_dir, keep=args.keep_checkpoints, logger=logger)
-        start = find_resume_checkpoint(args, manager)
-        data_state = restore(start, args, model, optimizer, scheduler, scaler, state, manager) if start else None
+        start, continuing = find_resume_checkpoint(args, manager)
+        data_state = None
+        if start is not None:
+            data_state = restore(start, continuing, args, model, optimizer, scheduler, scaler, state, manager)
         offset = args.phase1_end_step if args.phase2 else 0
 
         loader = get_pretraining_data_loader(
