@@ -91,7 +91,8 @@ class FileServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
@@ -192,6 +193,13 @@ def test_resume_partial_file_with_range(server: FileServer, tmp_path: Path) -> N
     assert dest.read_bytes() == PAYLOAD
     assert server.gets("/big.bin")[0]["Range"] == f"bytes={half}-"
     assert server.bytes_sent == len(PAYLOAD) - half
+
+
+def test_partial_file_that_is_already_complete_is_just_renamed(server: FileServer, tmp_path: Path) -> None:
+    server.files["/f.bin"] = PAYLOAD
+    (tmp_path / "f.bin.partial").write_bytes(PAYLOAD)  # a run that died between the last byte and the rename
+    assert download_file(server.url("/f.bin"), tmp_path / "f.bin", progress=False).read_bytes() == PAYLOAD
+    assert server.bytes_sent == 0
 
 
 def test_interrupted_transfer_is_retried_from_where_it_stopped(server: FileServer, tmp_path: Path) -> None:
