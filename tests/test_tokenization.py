@@ -5,6 +5,7 @@ import csv
 import inspect
 import json
 import logging
+import pickle
 from pathlib import Path
 
 import pytest
@@ -366,3 +367,11 @@ def real_texts() -> list[str]:
 def test_real_data_parity_with_transformers() -> None:
     vocab_file = shared_path("bert-base-uncased", "vocab.txt")
     assert_parity_with_transformers(vocab_file, real_texts())
+
+
+def test_tokenizer_pickles_for_worker_processes(bundled_tokenizer: BertTokenizer) -> None:
+    texts = ["Pickled for DataLoader and Dask workers: caf\u00e9 \u03a3.", "[MASK]"]
+    expected = bundled_tokenizer.batch_encode(texts)  # builds the Rust tokenizer before pickling
+    clone = pickle.loads(pickle.dumps(bundled_tokenizer))
+    assert clone.batch_encode(texts) == expected
+    assert clone.tokenize(texts[0]) == bundled_tokenizer.tokenize(texts[0])
