@@ -223,7 +223,7 @@ class BertTokenizer:
     ``never_split`` tokens (default: BERT's special tokens) are cut out of the text wherever they occur,
     case-sensitively, before anything else, and kept whole: "the [MASK]." -> ["the", "[MASK]", "."]. This is what
     HF ``transformers`` and ``tokenizers`` do; the reference only spared them as whitespace-delimited words (it gives
-    "[", "mask", "]", "." there). A ``never_split`` token outside the vocabulary goes through WordPiece uncased.
+    "[", "mask", "]", "." there). A ``never_split`` token outside the vocabulary goes through WordPiece as written (not lower-cased).
 
     ``tokenize`` is the pure-Python path; ``batch_tokenize``/``batch_encode`` run many texts through the Rust
     ``tokenizers`` library on all cores and give identical output (see ``_batch``).
