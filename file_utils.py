@@ -356,7 +356,8 @@ def _fetch_http(url: str, partial: Path, progress: bool) -> None:
             total = start + int(length) if length is not None and length.isdigit() else None
             _stream_to(partial, resp.iter_content(CHUNK_SIZE), start, total, _basename(url), progress)
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-        raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+        reason = getattr(exc.args[0], "reason", None) if exc.args else None  # urllib3's cause, without the wrapping
+        raise _Transient(f"{type(exc).__name__}: {reason or exc}") from exc
     except requests.RequestException as exc:
         raise DownloadError(f"cannot download {url}: {type(exc).__name__}: {exc}") from exc
 
