@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -307,3 +308,127 @@ def test_metrics_match_scipy_and_sklearn():
         x, y = rng.integers(0, 6, 100).astype(float), rng.normal(size=100)  # x has many ties
         assert glue.spearman_corr(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
         assert glue.pearson_corr(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run_glue.py end to end (CPU, a tiny random model, a subset of real MRPC)
+# ---------------------------------------------------------------------------------------------------------------
+
+TINY = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64, "max_position_embeddings": 128, "type_vocab_size": 2}
+
+
+def subset(src: Path, dst: Path, rows: int) -> None:
+    lines = src.read_bytes().splitlines(keepends=True)
+    dst.write_bytes(b"".join(lines[: rows + 1]))  # header + rows (the BOM stays on the header)
+
+
+@pytest.fixture(scope="module")
+def glue_run(tmp_path_factory):
+    """A reference-style pre-training checkpoint of a tiny model, and MRPC subsets in the official layout."""
+    from modeling import BertConfig, BertForPreTraining
+
+    root = tmp_path_factory.mktemp("glue")
+    data = root / "MRPC"
+    data.mkdir()
+    for name, rows in (("train.tsv", 64), ("dev.tsv", 40), ("test.tsv", 24)):
+        subset(shared_path("mrpc", name), data / name, rows)
+    config = root / "bert_config.json"
+    config.write_text(json.dumps(TINY))
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig.from_json_file(config))
+    torch.save({"model": model.state_dict()}, root / "ckpt_8601.pt")
+    common = ["--data_dir", str(data), "--bert_model", "bert-tiny-uncased", "--task_name", "mrpc",
+              "--vocab_file", str(REPO / "vocab" / "vocab"), "--config_file", str(config), "--do_lower_case",
+              "--max_seq_length", "64", "--disable_progress_bar"]
+    return {"root": root, "data": data, "config": config, "ckpt": root / "ckpt_8601.pt", "common": common}
+
+
+def run_glue_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "run_glue.py"), *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+
+
+def test_run_glue_train_eval_predict_then_eval_only(glue_run):
+    out = glue_run["root"] / "out"
+    proc = run_glue_cli(*glue_run["common"], "--init_checkpoint", str(glue_run["ckpt"]), "--output_dir", str(out),
+                        "--do_train", "--do_eval", "--do_predict", "--train_batch_size", "16",
+                        "--gradient_accumulation_steps", "2", "--eval_batch_size", "8", "--num_train_epochs", "2",
+                        "--learning_rate", "1e-3", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("pytorch_model.bin", "config.json", "results.txt", "predictions.json", "dllogger.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.txt").read_text())
+    # 64 examples, micro-batch 8, 2 accumulation steps: 4 optimizer steps per epoch, 2 epochs.
+    assert results["global_step"] == results["train:num_steps"] == 8
+    assert results["train:num_samples_per_gpu"] == 128 and results["eval:num_samples_per_gpu"] == 40
+    assert results["eval:num_steps"] == 5 and results["predict:num_samples"] == 24
+    for key in ("acc", "f1", "acc_and_f1", "eval:loss", "train:loss", "train:latency", "train:throughput",
+                "infer:latency(ms):50%", "infer:latency(ms):99%", "infer:latency(ms):sum",
+                "infer:throughput(samples/s):avg"):
+        assert math.isfinite(results[key]), key
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert list(predictions) == [f"test-{i}" for i in range(24)]  # GLUE's index column, file order
+    assert set(predictions.values()) <= {"0", "1"}
+    checkpoint = torch.load(out / "pytorch_model.bin", weights_only=True)
+    assert set(checkpoint) == {"model"} and checkpoint["model"]["classifier.weight"].shape == (2, 32)
+    records = [json.loads(line[5:]) for line in (out / "dllogger.json").read_text().splitlines()]
+    summary = [r["data"] for r in records if r.get("type") == "LOG" and r["step"] == []][-1]
+    assert summary["exact_match"] == results["acc"] and summary["F1"] == results["f1"]
+    assert {"e2e_train_time", "training_sequences_per_second", "e2e_inference_time",
+            "inference_sequences_per_second"} <= set(summary)
+    params = {k for r in records if r.get("step") == "PARAMETER" for k in r["data"]}
+    assert {"Config", "SEED", "num_parameters"} <= params
+    assert sorted(p.name for p in glue_run["data"].glob("*.pt")) == [
+        "bert-tiny-uncased_64_True_mrpc_dev.pt", "bert-tiny-uncased_64_True_mrpc_test.pt",
+        "bert-tiny-uncased_64_True_mrpc_train.pt"]
+
+    # Evaluate the saved model alone (features from the cache): the same accuracy and loss as after training.
+    out2 = glue_run["root"] / "out_eval"
+    proc = run_glue_cli(*glue_run["common"], "--init_checkpoint", str(out / "pytorch_model.bin"),
+                        "--output_dir", str(out2), "--do_eval", "--eval_batch_size", "16")
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((out2 / "results.txt").read_text())
+    assert again["acc"] == results["acc"] and again["eval:loss"] == pytest.approx(results["eval:loss"], rel=1e-5)
+    assert "train:loss" not in again and not (out2 / "pytorch_model.bin").exists()
+
+
+def test_run_glue_rejects_checkpoint_of_another_shape(glue_run, tmp_path):
+    from modeling import BertConfig, BertForPreTraining
+
+    wider = BertForPreTraining(BertConfig.from_dict({**TINY, "hidden_size": 48, "intermediate_size": 96}))
+    torch.save({"model": wider.state_dict()}, tmp_path / "wide.pt")
+    proc = run_glue_cli(*glue_run["common"], "--init_checkpoint", str(tmp_path / "wide.pt"),
+                        "--output_dir", str(tmp_path / "out"), "--do_eval", "--skip_features_cache")
+    assert proc.returncode == 1
+    assert "run_glue.py: error:" in proc.stderr and "shape mismatch" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_glue_checks_flags_before_any_work(glue_run, tmp_path, capsys):
+    import run_glue
+
+    out = tmp_path / "never"
+    base = [*glue_run["common"], "--init_checkpoint", str(glue_run["ckpt"]), "--output_dir", str(out)]
+    cases = [
+        ([], "at least one of --do_train, --do_eval or --do_predict"),
+        (["--do_train", "--train_batch_size", "16", "--gradient_accumulation_steps", "3"], "not divisible"),
+        (["--do_eval", "--loss_scale", "128"], "--loss_scale only applies with --fp16"),
+        (["--do_eval", "--init_checkpoint", str(tmp_path / "missing.pt")], "--init_checkpoint .* does not exist"),
+    ]
+    for extra, message in cases:
+        assert run_glue.main(base + extra) == 1
+        assert re.search(message, capsys.readouterr().err), message
+    assert not out.exists()  # nothing was written
+    with pytest.raises(SystemExit):
+        run_glue.parse_arguments(["--task_name", "sst3"])
+    assert "invalid choice: 'sst3'" in capsys.readouterr().err
+
+
+def test_run_glue_reports_malformed_data(glue_run, tmp_path):
+    data = tmp_path / "MRPC"
+    data.mkdir()
+    (data / "dev.tsv").write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tonly four\n")
+    args = [a if a != str(glue_run["data"]) else str(data) for a in glue_run["common"]]
+    proc = run_glue_cli(*args, "--init_checkpoint", str(glue_run["ckpt"]), "--output_dir", str(tmp_path / "out"),
+                        "--do_eval")
+    assert proc.returncode == 1 and f"{data / 'dev.tsv'}, line 2: expected 5" in proc.stderr

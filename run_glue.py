@@ -1,0 +1,445 @@
+"""GLUE fine-tuning, evaluation and prediction: the reference's flags, on CPU, one GPU or many (torchrun / SLURM)."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import utils
+from data.glue import PROCESSORS, DataProcessor, GlueDataError, compute_metrics, convert_examples_to_features, \
+    features_to_tensors, get_processor
+from file_utils import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, sha256sum
+from modeling import IGNORE_INDEX, BertConfig, BertForSequenceClassification
+from optimization import FINETUNING_NO_DECAY, build_optimizer, param_groups
+from schedulers import LinearWarmUpScheduler
+from tokenization import BertTokenizer
+
+Batch = dict[str, torch.Tensor]
+CACHE_FORMAT = 1  # bump when the cached tensors change meaning
+
+
+def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """All flags in one block, with the reference's names and defaults (README "Parameters")."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    required = parser.add_argument_group("required")
+    required.add_argument("--data_dir", required=True,
+                          help="Task folder of the official GLUE download (e.g. glue_data/MRPC) holding its TSVs.")
+    required.add_argument("--bert_model", required=True,
+                          help="Model name; only names the features cache file (nothing is downloaded).")
+    required.add_argument("--task_name", required=True, type=str.lower, choices=list(PROCESSORS),
+                          help="GLUE task; mnli-mm is MNLI evaluated on the mismatched dev/test files.")
+    required.add_argument("--output_dir", required=True,
+                          help="Where pytorch_model.bin, config.json, results.txt and predictions.json are written.")
+    required.add_argument("--init_checkpoint", required=True,
+                          help="Weights to start from: a reference .pt ({'model': ...} or bare), our or a Hugging "
+                               "Face folder or file; a classifier absent from it is freshly initialised.")
+    required.add_argument("--vocab_file", required=True, help="WordPiece vocabulary the model was trained with.")
+    required.add_argument("--config_file", required=True, help="BERT config JSON (ours, the reference's or HF's).")
+    other = parser.add_argument_group("other")
+    other.add_argument("--max_seq_length", type=int, default=128,
+                       help="Tokens per example after WordPiece, [CLS]/[SEP] included; longer pairs are trimmed.")
+    other.add_argument("--do_train", action="store_true", help="Fine-tune on train.tsv.")
+    other.add_argument("--do_eval", action="store_true", help="Evaluate on the dev file and write results.txt.")
+    other.add_argument("--do_predict", action="store_true",
+                       help="Write predictions.json (guid -> label) for the --predict_split file.")
+    other.add_argument("--predict_split", choices=("test", "dev"), default="test",
+                       help="File --do_predict labels: test (GLUE's unlabelled test set) or dev (the reference's).")
+    other.add_argument("--do_lower_case", action="store_true", help="Lower-case and strip accents (uncased models).")
+    other.add_argument("--train_batch_size", type=int, default=32,
+                       help="Sequences per rank per optimizer step, before division by --gradient_accumulation_steps.")
+    other.add_argument("--eval_batch_size", type=int, default=8, help="Sequences per evaluation/prediction batch.")
+    other.add_argument("--learning_rate", type=float, default=5e-5, help="Peak AdamW learning rate.")
+    other.add_argument("--num_train_epochs", type=float, default=3.0,
+                       help="Passes over the training set (may be fractional); ignored when --max_steps > 0.")
+    other.add_argument("--max_steps", type=float, default=-1.0,
+                       help="Optimizer steps to train when > 0 (overrides --num_train_epochs and sets the schedule).")
+    other.add_argument("--warmup_proportion", type=float, default=0.1,
+                       help="Fraction of the training steps over which the learning rate rises linearly.")
+    other.add_argument("--no_cuda", action="store_true", help="Run on the CPU even when a GPU is present.")
+    other.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)),
+                       help="Set by torch.distributed.launch; torchrun's LOCAL_RANK variable takes precedence.")
+    other.add_argument("--seed", type=int, default=1, help="Seed of the data order and the classifier init.")
+    other.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="Micro-batches per optimizer step; must divide --train_batch_size.")
+    other.add_argument("--fp16", "--amp", dest="fp16", action="store_true",
+                       help="fp16 autocast with dynamic loss scaling (CUDA only).")
+    other.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU or CPU); no loss scaling needed.")
+    other.add_argument("--loss_scale", type=float, default=0.0,
+                       help="With --fp16: 0 = dynamic loss scaling; S > 0 = start at S and never grow.")
+    other.add_argument("--skip_checkpoint", action="store_true", help="Do not write the fine-tuned model.")
+    other.add_argument("--json-summary", dest="json_summary", default=None,
+                       help="dllogger JSON-lines file (default: <output_dir>/dllogger.json).")
+    other.add_argument("--features_cache_dir", default=None,
+                       help="Folder of the tokenized-features cache (default: --data_dir, as the reference).")
+    other.add_argument("--skip_features_cache", action="store_true",
+                       help="Neither read nor write the features cache.")
+    other.add_argument("--log_freq", type=int, default=1, help="Log the training loss every N optimizer steps.")
+    other.add_argument("--disable_progress_bar", action="store_true", help="No tqdm bars.")
+    args = parser.parse_args(argv)
+    args.max_steps = int(args.max_steps)
+    return args
+
+
+def check_arguments(args: argparse.Namespace, world_size: int) -> None:
+    """Reject flag combinations and inputs that cannot work, before any data is read or model built."""
+    if not (args.do_train or args.do_eval or args.do_predict):
+        raise ValueError("at least one of --do_train, --do_eval or --do_predict must be set")
+    if args.do_train:
+        utils.check_batch_arithmetic(args.train_batch_size, args.gradient_accumulation_steps, world_size)
+        if args.max_steps <= 0 and not args.num_train_epochs > 0:
+            raise ValueError(f"--num_train_epochs must be > 0 (or --max_steps > 0), got {args.num_train_epochs}")
+        if not args.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
+        if not 0.0 <= args.warmup_proportion < 1.0:
+            raise ValueError(f"--warmup_proportion must be in [0, 1), got {args.warmup_proportion}")
+    if args.eval_batch_size < 1:
+        raise ValueError(f"--eval_batch_size must be >= 1, got {args.eval_batch_size}")
+    if args.max_seq_length < 3:
+        raise ValueError(f"--max_seq_length must be >= 3 ([CLS] A [SEP] B [SEP] needs room), got {args.max_seq_length}")
+    if args.log_freq < 1:
+        raise ValueError(f"--log_freq must be >= 1, got {args.log_freq}")
+    if args.loss_scale < 0:
+        raise ValueError(f"--loss_scale must be >= 0, got {args.loss_scale}")
+    if args.loss_scale > 0 and not args.fp16:
+        raise ValueError("--loss_scale only applies with --fp16/--amp (bf16 and fp32 need no loss scaling)")
+    if not Path(args.data_dir).is_dir():
+        raise FileNotFoundError(f"--data_dir {args.data_dir} is not a folder")
+    for flag in ("vocab_file", "config_file"):
+        if not Path(getattr(args, flag)).is_file():
+            raise FileNotFoundError(f"--{flag} {getattr(args, flag)} does not exist")
+    if "://" not in args.init_checkpoint and not Path(args.init_checkpoint).exists():
+        raise FileNotFoundError(f"--init_checkpoint {args.init_checkpoint} does not exist")
+
+
+def build_config(args: argparse.Namespace, tokenizer: BertTokenizer) -> BertConfig:
+    """Read the model config and check it can embed every token id and position the features will hold."""
+    config = BertConfig.from_json_file(args.config_file)
+    if len(tokenizer) > config.padded_vocab_size:
+        raise ValueError(f"--config_file {args.config_file} has vocab_size {config.vocab_size} but --vocab_file "
+                         f"{args.vocab_file} holds {len(tokenizer)} tokens")
+    if args.max_seq_length > config.max_position_embeddings:
+        raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds max_position_embeddings "
+                         f"{config.max_position_embeddings} of {args.config_file}")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Features (with a cache of plain tensors, keyed by the content of every input that shapes them)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_features(args: argparse.Namespace, processor: DataProcessor, tokenizer: BertTokenizer, split: str,
+                  env: utils.RunEnv) -> tuple[Batch, list[str]]:
+    """Tokenized tensors of one split (see ``features_to_tensors``) and the guid of each row.
+
+    The cache file (``<bert_model>_<max_seq_length>_<do_lower_case>_<task>_<split>.pt``, the reference's name
+    plus task and split) holds only tensors and strings, loaded with ``weights_only=True``. It is used only when
+    its key, a hash of the source file, the vocabulary and the conversion settings, matches: a changed vocab or
+    data file can never be served stale features. Only the main process writes it; failing to write (a read-only
+    data folder) is reported and otherwise ignored.
+    """
+    source = Path(args.data_dir) / {"train": processor.train_file, "dev": processor.dev_file,
+                                    "test": processor.test_file}[split]
+    cache = None
+    if not args.skip_features_cache and source.is_file():
+        name = f"{Path(args.bert_model.rstrip('/')).name}_{args.max_seq_length}_{args.do_lower_case}_" \
+               f"{processor.task_name}_{split}.pt"
+        cache = Path(args.features_cache_dir or args.data_dir) / name
+        key = hashlib.sha256(json.dumps([CACHE_FORMAT, sha256sum(source), sha256sum(args.vocab_file),
+                                         args.max_seq_length, args.do_lower_case, processor.task_name,
+                                         split]).encode()).hexdigest()
+        if cache.is_file():
+            try:
+                stored = load_checkpoint(cache)
+                if isinstance(stored, dict) and stored.get("key") == key:
+                    return stored["tensors"], list(stored["guids"])
+            except CheckpointError as exc:
+                print(f"run_glue.py: ignoring unreadable features cache: {exc}", file=sys.stderr)
+    examples = processor.get_examples(args.data_dir, split)
+    features, _ = convert_examples_to_features(examples, processor.get_labels(), args.max_seq_length, tokenizer)
+    tensors = features_to_tensors(features)
+    guids = [ex.guid for ex in examples]
+    if cache is not None and env.is_main:
+        try:
+            save_checkpoint({"key": key, "tensors": tensors, "guids": guids}, cache)
+        except OSError as exc:
+            print(f"run_glue.py: could not write the features cache {cache}: {exc}", file=sys.stderr)
+    return tensors, guids
+
+
+def trim_padding(batch: Batch) -> Batch:
+    """Cut the columns that are padding in every row of the batch.
+
+    Results do not change: padded keys get exp(-10000) = 0 attention weight, positions and segments of real
+    tokens are unaffected, and the classifier reads [CLS]. Short-sentence tasks (SST-2) run several times faster.
+    """
+    length = int(batch["attention_mask"].sum(dim=1).max())
+    return {k: v[:, :length] if v.dim() == 2 else v for k, v in batch.items()}
+
+
+def micro_batches_per_epoch(num_examples: int, micro_batch: int, world_size: int) -> int:
+    """Micro-batches each rank runs per pass over the data (the last one may be smaller)."""
+    return math.ceil(math.ceil(num_examples / world_size) / micro_batch)
+
+
+def train_batches(tensors: Batch, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1,
+                  state: Optional[utils.TrainState] = None) -> Iterator[Batch]:
+    """Endless shuffled micro-batches, epoch after epoch; the caller stops after its number of steps.
+
+    Epoch e's order is ``randperm`` seeded with ``seed + e``: the same on every rank, which takes every
+    ``world_size``-th example from ``rank`` (the permutation wraps around so that all ranks get equally many).
+    ``state.epoch`` counts the finished passes.
+    """
+    num = tensors["input_ids"].shape[0]
+    epoch = 0
+    while True:
+        order = torch.randperm(num, generator=torch.Generator().manual_seed(seed + epoch))
+        if world_size > 1:
+            total = math.ceil(num / world_size) * world_size
+            order = torch.cat([order, order[: total - num]])[rank::world_size]
+        for start in range(0, len(order), micro_batch):
+            index = order[start:start + micro_batch]
+            yield trim_padding({k: v[index] for k, v in tensors.items()})
+        epoch += 1
+        if state is not None:
+            state.epoch = epoch
+
+
+def make_loss_fn(regression: bool, running: list[torch.Tensor]) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
+    """Cross-entropy (labels of -1 ignored) or, for regression, mean squared error, of one micro-batch.
+
+    Each loss is also added, without a device sync, to ``running[0]`` so the mean training loss can be reported.
+    """
+    def loss_fn(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).float()
+        if regression:
+            loss = F.mse_loss(logits.squeeze(-1), batch["labels"].float())
+        else:
+            loss = F.cross_entropy(logits, batch["labels"], ignore_index=IGNORE_INDEX)
+        running[0] = running[0] + loss.detach()
+        return loss
+
+    return loss_fn
+
+
+def train(args: argparse.Namespace, model: BertForSequenceClassification, tensors: Batch, env: utils.RunEnv,
+          precision: utils.Precision, regression: bool, logger: Any) -> dict[str, Any]:
+    """Fine-tune with AdamW and linear warm-up/decay through ``utils.train_loop``; returns the train:* results."""
+    micro_batch = args.train_batch_size // args.gradient_accumulation_steps
+    num_examples = tensors["input_ids"].shape[0]
+    per_epoch = micro_batches_per_epoch(num_examples, micro_batch, env.world_size)
+    if args.max_steps > 0:
+        total_steps = args.max_steps
+    else:
+        total_steps = max(1, int(args.num_train_epochs * per_epoch) // args.gradient_accumulation_steps)
+    optimizer = build_optimizer("adamw", param_groups(model, weight_decay=0.01, no_decay=FINETUNING_NO_DECAY),
+                                lr=args.learning_rate, eps=1e-6, device=env.device)
+    scheduler = LinearWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=total_steps)
+    scaler = utils.make_grad_scaler(precision, env.device, init_scale=args.loss_scale or 2.0**16)
+    if args.loss_scale > 0:
+        scaler.set_growth_interval(2**31 - 1)
+    wrapped = utils.wrap_model(model, env)
+    state = utils.TrainState()
+    running = [torch.zeros((), device=env.device)]
+    logger.log(step="PARAMETER", data={"train:num_examples": num_examples, "train:total_steps": total_steps,
+                                       "batch_size_per_gpu": args.train_batch_size})
+    start = time.perf_counter()
+    # No clipping in the reference is a defect (its GLUE GradientClipper is never called); clip at 1.0 as BERT does.
+    result = utils.train_loop(
+        wrapped, train_batches(tensors, micro_batch, args.seed, env.rank, env.world_size, state),
+        make_loss_fn(regression, running), optimizer, scheduler, scaler, env=env, precision=precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, max_steps=total_steps, max_grad_norm=1.0,
+        state=state, log_freq=args.log_freq, logger=logger, progress=not args.disable_progress_bar)
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+    latency = time.perf_counter() - start
+    micro_steps = max(result.steps * args.gradient_accumulation_steps, 1)
+    samples_per_gpu = state.sequences // env.world_size
+    return {
+        "global_step": state.step,
+        "train:loss": running[0].item() / micro_steps,
+        "train:latency": latency,
+        "train:num_samples_per_gpu": samples_per_gpu,
+        "train:num_steps": state.step,
+        "train:throughput": env.world_size * samples_per_gpu / latency,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation and prediction (main process only, as the reference)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def infer(model: BertForSequenceClassification, tensors: Batch, args: argparse.Namespace, env: utils.RunEnv,
+          precision: utils.Precision) -> tuple[np.ndarray, list[float]]:
+    """Logits ``[N, num_labels]`` (fp32, in input order) and the latency of each batch in ms.
+
+    Examples are batched in order of length so that little padding is computed; the logits are put back in
+    input order. Each batch is timed from host tensors to logits on the host (synchronised on GPU).
+    """
+    model.eval()
+    lengths = tensors["attention_mask"].sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    logits = torch.empty(len(order), model.num_labels)
+    latencies = []
+    inputs = {k: tensors[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+    starts = range(0, len(order), args.eval_batch_size)
+    for start in utils.progress_bar(starts, disable=args.disable_progress_bar, desc="infer"):
+        index = order[start:start + args.eval_batch_size]
+        tic = time.perf_counter()
+        batch = utils.move_to_device(trim_padding({k: v[index] for k, v in inputs.items()}), env.device)
+        with utils.autocast(precision, env.device):
+            out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        logits[index] = out.float().cpu()
+        latencies.append((time.perf_counter() - tic) * 1000.0)
+    return logits.numpy(), latencies
+
+
+def latency_results(latencies: list[float], num_samples: int) -> dict[str, float]:
+    """The reference's infer:* keys: per-batch latency percentiles, mean, std and sum (ms) and throughput."""
+    values = np.asarray(latencies)
+    results = {f"infer:latency(ms):{p}%": float(np.percentile(values, p)) for p in (50, 90, 95, 99, 100)}
+    results.update({"infer:latency(ms):avg": float(values.mean()), "infer:latency(ms):std": float(values.std()),
+                    "infer:latency(ms):sum": float(values.sum()),
+                    "infer:throughput(samples/s):avg": num_samples / (values.sum() / 1000.0)})
+    return results
+
+
+def evaluate(model: BertForSequenceClassification, tensors: Batch, args: argparse.Namespace, env: utils.RunEnv,
+             precision: utils.Precision, regression: bool) -> dict[str, Any]:
+    """Dev-set loss, the task's metrics (data/glue.py) and the inference timing."""
+    logits, latencies = infer(model, tensors, args, env, precision)
+    labels = tensors["labels"]
+    logits_t = torch.from_numpy(logits)
+    if regression:
+        loss = F.mse_loss(logits_t.squeeze(-1), labels.float())
+        preds = logits[:, 0]
+    else:
+        loss = F.cross_entropy(logits_t, labels, ignore_index=IGNORE_INDEX)
+        preds = logits.argmax(axis=1)
+    results = {"eval:num_samples_per_gpu": len(preds), "eval:num_steps": len(latencies), "eval:loss": float(loss)}
+    results.update(latency_results(latencies, len(preds)))
+    results.update(compute_metrics(args.task_name, preds, labels.numpy()))
+    return results
+
+
+def predict(model: BertForSequenceClassification, tensors: Batch, guids: list[str], label_list: list[str],
+            args: argparse.Namespace, env: utils.RunEnv, precision: utils.Precision) -> tuple[dict[str, str], list[float]]:
+    """guid -> predicted label string (a score, as text, for regression), and the batch latencies."""
+    logits, latencies = infer(model, tensors, args, env, precision)
+    if label_list:
+        labels = [label_list[i] for i in logits.argmax(axis=1)]
+    else:
+        labels = [f"{score:.6g}" for score in logits[:, 0]]
+    return dict(zip(guids, labels)), latencies
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (a crash never leaves a half-written file), keys in the order given."""
+    with atomic_write(path, mode="w") as handle:
+        json.dump(obj, handle, indent=2)
+        handle.write("\n")
+
+
+# Summary keys of the reference's dllogger record, and the results they are taken from.
+SUMMARY_KEYS = {"exact_match": "acc", "F1": "f1", "e2e_train_time": "train:latency",
+                "training_sequences_per_second": "train:throughput",
+                "inference_sequences_per_second": "infer:throughput(samples/s):avg"}
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """The final dllogger record: the reference's mapped keys, plus the other task metrics under their own names."""
+    summary = {key: results[source] for key, source in SUMMARY_KEYS.items() if source in results}
+    if "infer:latency(ms):sum" in results:
+        summary["e2e_inference_time"] = results["infer:latency(ms):sum"] / 1000.0
+    for key in ("mcc", "acc_and_f1", "pearson", "spearmanr", "corr", "eval:loss"):
+        if key in results:
+            summary[key] = results[key]
+    return summary
+
+
+def run(args: argparse.Namespace, env: utils.RunEnv, logger: Any) -> dict[str, Any]:
+    """Do what the --do_* flags ask and return the results dict (also written to results.txt).
+
+    ``check_arguments`` must have passed.
+    """
+    precision = utils.resolve_precision(args.fp16, args.bf16, env.device)
+    processor = get_processor(args.task_name)
+    tokenizer = BertTokenizer(args.vocab_file, do_lower_case=args.do_lower_case)
+    config = build_config(args, tokenizer)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    utils.set_seed(args.seed, env.rank)
+    utils.log_config(logger, args)
+    for metric, unit in (("e2e_train_time", "s"), ("training_sequences_per_second", "sequences/s"),
+                         ("e2e_inference_time", "s"), ("inference_sequences_per_second", "sequences/s")):
+        logger.metadata(metric, {"unit": unit})
+
+    # Read every split first: a malformed file fails the run before any training time is spent.
+    splits = (["train"] if args.do_train else []) + (["dev"] if args.do_eval else []) \
+        + ([args.predict_split] if args.do_predict else [])
+    data = {split: load_features(args, processor, tokenizer, split, env) for split in dict.fromkeys(splits)}
+    regression = processor.is_regression
+
+    model = BertForSequenceClassification.from_pretrained(args.init_checkpoint, config=config,
+                                                          num_labels=processor.num_labels)
+    model.to(env.device)
+    logger.log(step="PARAMETER", data={"SEED": args.seed, "num_parameters": sum(p.numel() for p in model.parameters()),
+                                       "precision": precision, "world_size": env.world_size,
+                                       "device": str(env.device), "init_checkpoint_load": str(model.load_report)})
+    results: dict[str, Any] = {}
+    if args.do_train:
+        results.update(train(args, model, data["train"][0], env, precision, regression, logger))
+        if env.is_main and not args.skip_checkpoint:
+            model.save_pretrained(output_dir)
+    if env.is_main:
+        if args.do_eval:
+            results.update(evaluate(model, data["dev"][0], args, env, precision, regression))
+        if args.do_predict:
+            tensors, guids = data[args.predict_split]
+            predictions, latencies = predict(model, tensors, guids, processor.get_labels(), args, env, precision)
+            write_json(output_dir / "predictions.json", predictions)
+            results["predict:num_samples"] = len(predictions)
+            if not args.do_eval:
+                results.update(latency_results(latencies, len(predictions)))
+        write_json(output_dir / "results.txt", dict(sorted(results.items())))
+        logger.log(step=tuple(), data=summarize(results))
+    utils.barrier()
+    return results
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: bad flags, files or checkpoints end the run with a message and exit status 1."""
+    args = parse_arguments(argv)
+    if args.local_rank >= 0 and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+    env = utils.setup_distributed(no_cuda=args.no_cuda)
+    logger = None
+    try:
+        check_arguments(args, env.world_size)
+        json_summary = args.json_summary or str(Path(args.output_dir) / "dllogger.json")
+        logger = utils.setup_logger(json_summary if env.is_main else None, enabled=env.is_main)
+        run(args, env, logger)
+        return 0
+    except (ValueError, OSError, KeyError, GlueDataError, CheckpointError, utils.NonFiniteLossError) as exc:
+        print(f"run_glue.py: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if logger is not None:
+            logger.flush()
+        utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
