@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -419,13 +418,13 @@ def _rename(key: str, renames: tuple[tuple[str, str], ...]) -> str:
     return key
 
 
-def _fit_vocab_rows(key: str, tensor: Tensor, config: BertConfig, rows: int, pad_value: float) -> Tensor:
+def _fit_vocab_rows(source: str, key: str, tensor: Tensor, config: BertConfig, rows: int, pad_value: float) -> Tensor:
     """Pad or trim the vocabulary dimension (dim 0). Only rows at or past config.vocab_size, i.e. padding, change."""
     if tensor.shape[0] == rows:
         return tensor
     if tensor.shape[0] < config.vocab_size:
         raise ValueError(
-            f"shape mismatch for {key}: checkpoint {tuple(tensor.shape)} has fewer rows than the config's "
+            f"{source}: shape mismatch for {key}: checkpoint {tuple(tensor.shape)} has fewer rows than the config's "
             f"vocab_size={config.vocab_size} (model {rows} rows)"
         )
     if tensor.shape[0] > rows:
@@ -461,11 +460,13 @@ class BertPreTrainedModel(nn.Module):
         Embedding ~ N(0, initializer_range), biases 0, LayerNorm 1/0. Unlike the reference, this covers the
         LinearActivation layers too. Task models initialise only their heads; `BertModel` has done the rest."""
         std = self.config.initializer_range
-        for module in (root or self).modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+        for module in (self if root is None else root).modules():
+            if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
@@ -484,7 +485,9 @@ class BertPreTrainedModel(nn.Module):
     def _base_prefix(self) -> str:
         return "" if isinstance(self, BertModel) else "bert."
 
-    def load_weights(self, state_dict: dict[str, Tensor], source: str = "state_dict", strict: bool = False) -> LoadReport:
+    def load_weights(
+        self, state_dict: dict[str, Tensor], source: str = "state_dict", strict: bool = False
+    ) -> LoadReport:
         """Load a state dict in the reference's, Hugging Face's or our naming, through an explicit mapping.
 
         Renames only the named exceptions (HF `dense` -> `dense_act`, `gamma`/`beta`, the `bert.` prefix, a DDP
@@ -494,49 +497,13 @@ class BertPreTrainedModel(nn.Module):
 
         Raises ValueError on a shape mismatch (naming the key and both shapes), on any missing embedding or encoder
         tensor, and, when `strict`, on any missing or unexpected tensor. Otherwise missing pooler/head tensors keep
-        their fresh initialisation and unexpected tensors are skipped; both are logged and returned in the report.
+        their fresh initialisation and unexpected tensors are skipped; both are logged, and the returned report
+        (also `self.load_report`) lists them.
         """
         report = LoadReport(source=source)
-        prefix = self._base_prefix
         expected = self.state_dict()
-        source_dict = dict(state_dict)
-        if source_dict and all(k.startswith("module.") for k in source_dict):
-            source_dict = {k[len("module."):]: v for k, v in source_dict.items()}  # saved from a DDP wrapper
-
-        mapped: dict[str, Tensor] = {}
-        for key, tensor in source_dict.items():
-            if key.endswith(_DROPPED_BUFFERS):
-                report.dropped_buffers.append(key)
-                continue
-            new_key = _rename(_rename(key, _HF_RENAMES), _LEGACY_RENAMES)
-            if prefix and new_key.startswith(_BASE_ROOTS):
-                new_key = prefix + new_key
-            elif not prefix and new_key.startswith("bert."):
-                new_key = new_key[len("bert."):]
-            if new_key in mapped:
-                raise ValueError(f"{source}: two tensors map to {new_key} (one of them is {key})")
-            report.renamed += new_key != key
-            mapped[new_key] = tensor
-
-        word_key = prefix + "embeddings.word_embeddings.weight"
-        if _DECODER_BIAS in mapped and _MLM_BIAS in expected:
-            alias = mapped.pop(_DECODER_BIAS)
-            if _MLM_BIAS not in mapped:
-                mapped[_MLM_BIAS] = alias
-            elif alias.shape != mapped[_MLM_BIAS].shape or not torch.equal(alias, mapped[_MLM_BIAS]):
-                raise ValueError(f"{source}: {_DECODER_BIAS} differs from {_MLM_BIAS}; this model has one MLM bias")
-        if _DECODER_WEIGHT in expected and word_key in mapped:
-            decoder = mapped.pop(_DECODER_WEIGHT, None)
-            if decoder is not None and (decoder.shape != mapped[word_key].shape or not torch.equal(decoder, mapped[word_key])):
-                raise ValueError(f"{source}: {_DECODER_WEIGHT} is not tied to {word_key}; this model ties them")
-
-        rows = self.config.padded_vocab_size
-        for key, pad_value in ((word_key, 0.0), (_MLM_BIAS, MASK_ADDER)):
-            if key in mapped and key in expected and mapped[key].shape[0] != rows:
-                report.vocab_rows = (mapped[key].shape[0], rows)
-                mapped[key] = _fit_vocab_rows(key, mapped[key], self.config, rows, pad_value)
-        if _DECODER_WEIGHT in expected and word_key in mapped:
-            mapped[_DECODER_WEIGHT] = mapped[word_key]
+        mapped = self._map_names(state_dict, report)
+        self._resolve_vocab_and_ties(mapped, expected, report)
 
         for key, tensor in mapped.items():
             if key in expected and tensor.shape != expected[key].shape:
@@ -544,11 +511,11 @@ class BertPreTrainedModel(nn.Module):
                     f"{source}: shape mismatch for {key}: checkpoint {tuple(tensor.shape)} vs model "
                     f"{tuple(expected[key].shape)} (check the config)"
                 )
-        report.unexpected = sorted(k for k in mapped if k not in expected)
-        report.missing = sorted(k for k in expected if k not in mapped)
         report.loaded = sorted(k for k in mapped if k in expected)
-
-        base_missing = [k for k in report.missing if k.startswith((prefix + "embeddings.", prefix + "encoder."))]
+        report.missing = sorted(k for k in expected if k not in mapped)
+        report.unexpected = sorted(k for k in mapped if k not in expected)
+        base = (self._base_prefix + "embeddings.", self._base_prefix + "encoder.")
+        base_missing = [k for k in report.missing if k.startswith(base)]
         if base_missing:
             raise ValueError(
                 f"{source}: {len(base_missing)} embedding/encoder tensors are missing, e.g. "
@@ -557,10 +524,7 @@ class BertPreTrainedModel(nn.Module):
         if strict and (report.missing or report.unexpected):
             raise ValueError(f"{source}: strict load failed; missing {report.missing}, unexpected {report.unexpected}")
 
-        full = {**expected, **{k: v for k, v in mapped.items() if k in expected}}
-        self.load_state_dict(full, strict=True)
-        if report.vocab_rows:
-            logger.info("%s: vocabulary rows %d -> %d (padding rows only)", source, *report.vocab_rows)
+        self.load_state_dict({**expected, **{k: mapped[k] for k in report.loaded}}, strict=True)
         if report.missing:
             logger.warning("%s: initialised %d tensors not in the checkpoint: %s", source, len(report.missing),
                            ", ".join(report.missing))
@@ -570,6 +534,53 @@ class BertPreTrainedModel(nn.Module):
         logger.info("%s", report)
         self.load_report = report
         return report
+
+    def _map_names(self, state_dict: dict[str, Tensor], report: LoadReport) -> dict[str, Tensor]:
+        """Source names -> our names: drop known buffers, apply the named renames, add or strip `bert.`."""
+        prefix = self._base_prefix
+        items = state_dict.items()
+        if state_dict and all(k.startswith("module.") for k in state_dict):
+            items = ((k[len("module."):], v) for k, v in items)  # saved from a DDP wrapper
+        mapped: dict[str, Tensor] = {}
+        for key, tensor in items:
+            if key.endswith(_DROPPED_BUFFERS):
+                report.dropped_buffers.append(key)
+                continue
+            new_key = _rename(_rename(key, _HF_RENAMES), _LEGACY_RENAMES)
+            if prefix and new_key.startswith(_BASE_ROOTS):
+                new_key = prefix + new_key  # a bare encoder's weights going into a task model
+            elif not prefix and new_key.startswith("bert."):
+                new_key = new_key[len("bert."):]  # a task model's encoder going into a bare BertModel
+            if new_key in mapped:
+                raise ValueError(f"{report.source}: two tensors map to {new_key} (one of them is {key})")
+            report.renamed += new_key != key
+            mapped[new_key] = tensor
+        return mapped
+
+    def _resolve_vocab_and_ties(
+        self, mapped: dict[str, Tensor], expected: dict[str, Tensor], report: LoadReport
+    ) -> None:
+        """Fold the tied/aliased MLM tensors into ours (refusing ones that differ) and fit the vocabulary rows."""
+        word_key = self._base_prefix + "embeddings.word_embeddings.weight"
+        if _DECODER_BIAS in mapped and _MLM_BIAS in expected:
+            alias = mapped.pop(_DECODER_BIAS)
+            if _MLM_BIAS not in mapped:
+                mapped[_MLM_BIAS] = alias
+            elif alias.shape != mapped[_MLM_BIAS].shape or not torch.equal(alias, mapped[_MLM_BIAS]):
+                raise ValueError(f"{report.source}: {_DECODER_BIAS} differs from {_MLM_BIAS}; this model has one")
+        if _DECODER_WEIGHT in expected and word_key in mapped:
+            decoder = mapped.pop(_DECODER_WEIGHT, None)
+            word = mapped[word_key]
+            if decoder is not None and (decoder.shape != word.shape or not torch.equal(decoder, word)):
+                raise ValueError(f"{report.source}: {_DECODER_WEIGHT} is not tied to {word_key}; this model ties them")
+
+        rows = self.config.padded_vocab_size
+        for key, pad_value in ((word_key, 0.0), (_MLM_BIAS, MASK_ADDER)):
+            if key in mapped and key in expected and mapped[key].shape[0] != rows:
+                report.vocab_rows = (mapped[key].shape[0], rows)
+                mapped[key] = _fit_vocab_rows(report.source, key, mapped[key], self.config, rows, pad_value)
+        if _DECODER_WEIGHT in expected and word_key in mapped:
+            mapped[_DECODER_WEIGHT] = mapped[word_key]
 
     @classmethod
     def from_pretrained(
