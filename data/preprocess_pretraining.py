@@ -1,0 +1,535 @@
+"""Preprocess source text into LDDL-format BERT pre-training Parquet shards on Dask (reference section 6.3 step 2).
+
+Input: LDDL "source" files, one document per line, the first whitespace-separated token being the document id
+(``wiki-<id> text ...``, as ``data.extract_wikipedia`` writes). Output under ``--sink``: balanced
+``shard-<i>.parquet`` files (binned: ``shard-<i>.parquet_<bin_id>``) and ``.num_samples.json``, with LDDL's
+schema: ``A``, ``B`` (space-joined WordPieces), ``is_random_next`` (bool), ``num_tokens`` (uint16, len(A) +
+len(B) + 3), with ``--masking`` also ``masked_lm_positions`` (``np.save`` bytes of a uint16 array of positions in
+``[CLS] A [SEP] B [SEP]``) and ``masked_lm_labels`` (space-joined original tokens), and with ``--bin-size`` also
+``bin_id`` (int64; bin b holds sequences of ``b*bin_size+1 .. (b+1)*bin_size`` tokens).
+
+Pipeline (each step runs per partition on the workers; no step gathers the corpus anywhere):
+  1. split the source files into ``--num-blocks`` line-aligned byte ranges; read each, keep each document with
+     probability ``--sample-ratio`` and give it a random shuffle key;
+  2. shuffle documents across partitions (a Dask DataFrame shuffle on the key), so every partition, and hence the
+     documents "random next" segments are drawn from, is a uniform sample of the corpus;
+  3. per partition: sort by key (order independent of task timing), split sentences, WordPiece-tokenize in batches
+     (Rust), build ``--duplicate-factor`` rounds of Google's NSP pairs, shuffle, optionally mask, and stream them
+     to ``part.<i>.parquet`` in row groups;
+  4. balance the parts into ``--num-blocks`` shards of equal size (``data.balance_shards``).
+Unlike LDDL, the result is deterministic for a given seed, input and ``--num-blocks``.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data import balance_shards
+from data.instances import MaskedLM, PairTokens, create_instances, mask_pairs, pair_tokens, tokenize_documents
+from data.sentences import get_sentence_splitter
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_VOCAB = REPO_ROOT / "vocab" / "vocab"
+ROW_GROUP_SIZE = 16384  # pairs per Parquet row group; bounds the memory of the string-building step
+
+
+def lddl_schema(masking: bool, binned: bool) -> pa.Schema:
+    """The LDDL Parquet schema (reference section 6.3) for the given options, in LDDL's column order."""
+    fields = [
+        pa.field("A", pa.string()),
+        pa.field("B", pa.string()),
+        pa.field("is_random_next", pa.bool_()),
+        pa.field("num_tokens", pa.uint16()),
+    ]
+    if masking:
+        fields += [pa.field("masked_lm_positions", pa.binary()), pa.field("masked_lm_labels", pa.string())]
+    if binned:
+        fields.append(pa.field("bin_id", pa.int64()))
+    return pa.schema(fields)
+
+
+@functools.lru_cache(maxsize=None)
+def _npy_header(length: int) -> bytes:
+    """The bytes ``np.save`` writes before the data of a length-``length`` uint16 vector (cached per length)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(length, dtype="<u2"))
+    return buffer.getvalue()[: -2 * length] if length else buffer.getvalue()
+
+
+def serialize_uint16(values: np.ndarray, offsets: np.ndarray) -> list[bytes]:
+    """Each ragged row of ``values`` as the ``np.save`` bytes of a uint16 array (what LDDL stores and np.load reads)."""
+    data = values.astype("<u2").tobytes()
+    return [_npy_header(int(end - start)) + data[2 * start : 2 * end] for start, end in zip(offsets[:-1], offsets[1:])]
+
+
+def _join_tokens(vocab: pa.Array, ids: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    """Space-join the vocabulary strings of each ragged row of ids (all in Arrow's C++ kernels)."""
+    tokens = vocab.take(pa.array(ids, type=pa.int32()))
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), tokens), " ")
+
+
+def lddl_table(
+    pairs: PairTokens,
+    is_random_next: np.ndarray,
+    vocab: pa.Array,
+    masked: Optional[MaskedLM] = None,
+    bin_size: Optional[int] = None,
+    num_bins: Optional[int] = None,
+) -> pa.Table:
+    """Pairs as an Arrow table with the LDDL schema (``bin_id`` added when ``bin_size`` is given)."""
+    num_tokens = pairs.a_len + pairs.b_len + 3
+    columns: dict[str, pa.Array] = {
+        "A": _join_tokens(vocab, pairs.a_ids, pairs.a_offsets),
+        "B": _join_tokens(vocab, pairs.b_ids, pairs.b_offsets),
+        "is_random_next": pa.array(is_random_next, type=pa.bool_()),
+        "num_tokens": pa.array(num_tokens.astype(np.uint16), type=pa.uint16()),
+    }
+    if masked is not None:
+        columns["masked_lm_positions"] = pa.array(serialize_uint16(masked.positions, masked.offsets), pa.binary())
+        columns["masked_lm_labels"] = _join_tokens(vocab, masked.labels, masked.offsets)
+    if bin_size is not None:
+        columns["bin_id"] = pa.array(bin_ids(num_tokens, bin_size, num_bins), type=pa.int64())
+    return pa.table(columns, schema=lddl_schema(masked is not None, bin_size is not None))
+
+
+def bin_ids(num_tokens: np.ndarray, bin_size: int, num_bins: int) -> np.ndarray:
+    """LDDL's bin of each sequence length: ``(num_tokens - 1) // bin_size``, capped at the last bin."""
+    return np.minimum((np.asarray(num_tokens, dtype=np.int64) - 1) // bin_size, num_bins - 1)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything a worker needs to turn one partition of documents into Parquet (pickled to the workers)."""
+
+    sink: str
+    vocab_file: str
+    do_lower_case: bool = True
+    target_seq_length: int = 128
+    short_seq_prob: float = 0.1
+    duplicate_factor: int = 5
+    sample_ratio: float = 0.9
+    seed: int = 12345
+    masking: bool = False
+    masked_lm_ratio: float = 0.15
+    bin_size: Optional[int] = None
+    sentence_splitter: str = "auto"
+
+    @property
+    def num_bins(self) -> Optional[int]:
+        return None if self.bin_size is None else self.target_seq_length // self.bin_size
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the flag for inconsistent settings."""
+        if self.target_seq_length < 5:
+            raise ValueError(f"--target-seq-length must be at least 5, got {self.target_seq_length}")
+        if self.target_seq_length > np.iinfo(np.uint16).max:
+            raise ValueError(f"--target-seq-length must fit num_tokens' uint16, got {self.target_seq_length}")
+        if self.bin_size is not None and (self.bin_size <= 0 or self.target_seq_length % self.bin_size):
+            raise ValueError(
+                f"--bin-size {self.bin_size} must be a positive divisor of --target-seq-length {self.target_seq_length}"
+            )
+        if not 0.0 < self.sample_ratio <= 1.0:
+            raise ValueError(f"--sample-ratio must be in (0, 1], got {self.sample_ratio}")
+        if not 0.0 <= self.short_seq_prob <= 1.0:
+            raise ValueError(f"--short-seq-prob must be in [0, 1], got {self.short_seq_prob}")
+        if not 0.0 < self.masked_lm_ratio < 1.0:
+            raise ValueError(f"--masked-lm-ratio must be in (0, 1), got {self.masked_lm_ratio}")
+        if self.duplicate_factor < 1:
+            raise ValueError(f"--duplicate-factor must be at least 1, got {self.duplicate_factor}")
+        if not Path(self.vocab_file).is_file():
+            raise ValueError(f"--vocab-file {self.vocab_file} does not exist (a WordPiece vocab.txt path is required)")
+        get_sentence_splitter(self.sentence_splitter)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def load_wordpiece(vocab_file: str, do_lower_case: bool = True) -> tuple[Callable[[list[str]], list[list[int]]], list[str]]:
+    """``(batch_encode, vocabulary)`` for a WordPiece vocab file, loaded once per process.
+
+    ``batch_encode`` maps strings to id lists without [CLS]/[SEP] (the project's ``tokenization.BertTokenizer``
+    fast path, backed by the Rust ``tokenizers`` library); ``vocabulary[i]`` is the token of id i.
+    """
+    import tokenization
+
+    tokenizer = tokenization.BertTokenizer(vocab_file, do_lower_case=do_lower_case)
+    vocabulary = [tokenizer.ids_to_tokens[i] for i in range(len(tokenizer.ids_to_tokens))]
+    missing = [t for t in ("[CLS]", "[SEP]", "[MASK]") if t not in tokenizer.vocab]
+    if missing:
+        raise ValueError(f"vocab file {vocab_file} lacks the special tokens {missing}")
+    return tokenizer.batch_encode, vocabulary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading source text
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def find_source_files(path: str | os.PathLike, lang: Optional[str] = None) -> list[Path]:
+    """All ``*.txt`` files under a source directory, sorted; ``<path>/<lang>`` is used when it exists (LDDL layout)."""
+    root = Path(path)
+    if lang and (root / lang).is_dir():
+        root = root / lang
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"source path {path} does not exist")
+    files = sorted(p for p in root.rglob("*.txt") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no .txt source files under {root}")
+    return files
+
+
+def plan_blocks(files: Sequence[Path], num_blocks: Optional[int] = None, block_size: Optional[int] = None) -> list[tuple[str, int, int]]:
+    """Cut files into byte ranges ``(path, start, end)`` of about ``block_size`` bytes (or total / ``num_blocks``)."""
+    sizes = [f.stat().st_size for f in files]
+    total = sum(sizes)
+    if block_size is None:
+        block_size = max(1, math.ceil(total / max(1, num_blocks or 1)))
+    blocks = []
+    for path, size in zip(files, sizes):
+        for start in range(0, max(size, 1), block_size):
+            blocks.append((str(path), start, min(start + block_size, size)))
+    return blocks
+
+
+def read_block_lines(path: str, start: int, end: int) -> list[str]:
+    """Lines whose first byte lies in ``[start, end)`` (so consecutive blocks share no line and miss none)."""
+    lines = []
+    with open(path, "rb") as handle:
+        if start > 0:
+            handle.seek(start - 1)
+            handle.readline()  # finish the line that straddles `start`; it belongs to the previous block
+        while handle.tell() < end:
+            line = handle.readline()
+            if not line:
+                break
+            lines.append(line.decode("utf-8", errors="replace"))
+    return lines
+
+
+def read_block(block: tuple[str, int, int], block_index: int, sample_ratio: float, seed: int):
+    """One block as a DataFrame ``{key, text}``: sampled documents (id stripped) with random shuffle keys."""
+    import pandas as pd
+
+    rng = np.random.default_rng([seed, block_index])
+    texts = []
+    for line in read_block_lines(*block):
+        line = line.strip()
+        if not line:
+            continue
+        _, _, text = line.partition(" ")  # the first token is the document id (LDDL source format)
+        texts.append(text.strip())
+    keep = rng.random(len(texts)) < sample_ratio
+    texts = [t for t, k in zip(texts, keep) if k and t]
+    keys = rng.integers(0, np.iinfo(np.int64).max, len(texts), dtype=np.int64)
+    return pd.DataFrame({"key": keys, "text": pd.Series(texts, dtype=object)})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One partition -> Parquet
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def partition_file_names(index: int, num_bins: Optional[int]) -> list[str]:
+    """Names of the (pre-balancing) files of partition ``index``: ``part.<i>.parquet`` or one per bin."""
+    base = f"part.{index}.parquet"
+    return [base] if num_bins is None else [f"{base}_{b}" for b in range(num_bins)]
+
+
+def build_partition(texts: Sequence[str], index: int, config: PreprocessConfig) -> dict[str, Any]:
+    """Turn one partition's documents into pairs and write its Parquet file(s) under ``config.sink``.
+
+    Returns ``{"files": {name: rows}, "documents": ..., "tokens": ..., "pairs": ...}`` for reporting.
+    """
+    encode, vocabulary = load_wordpiece(config.vocab_file, config.do_lower_case)
+    split = get_sentence_splitter(config.sentence_splitter)
+    documents = tokenize_documents([split(text) for text in texts], encode)
+    rng = random.Random(f"{config.seed}-{index}")
+    np_rng = np.random.default_rng([config.seed, index, 1])
+    instances = create_instances(
+        documents, config.target_seq_length, config.short_seq_prob, config.duplicate_factor, rng, np_rng
+    )
+    vocab = pa.array(vocabulary, type=pa.string())
+    mask_id = vocabulary.index("[MASK]") if config.masking else -1
+    schema = lddl_schema(config.masking, config.bin_size is not None)
+    names = partition_file_names(index, config.num_bins)
+    sink = Path(config.sink)
+    temporary = [sink / f".{name}.{os.getpid()}.tmp" for name in names]
+    writers = [pq.ParquetWriter(str(path), schema) for path in temporary]
+    rows = [0] * len(names)
+    try:
+        for begin in range(0, len(instances), ROW_GROUP_SIZE):
+            chunk = instances.take(np.arange(begin, min(begin + ROW_GROUP_SIZE, len(instances))))
+            pairs = pair_tokens(documents, chunk)
+            masked = None
+            if config.masking:
+                masked = mask_pairs(pairs, np_rng, config.masked_lm_ratio, len(vocabulary), mask_id)
+            table = lddl_table(pairs, chunk.is_random_next, vocab, masked, config.bin_size, config.num_bins)
+            if config.bin_size is None:
+                writers[0].write_table(table)
+                rows[0] += table.num_rows
+                continue
+            column = table.column("bin_id").to_numpy()
+            for b, writer in enumerate(writers):
+                selected = table.filter(pa.array(column == b))
+                if selected.num_rows:
+                    writer.write_table(selected)
+                    rows[b] += selected.num_rows
+    finally:
+        for writer in writers:
+            writer.close()
+    for path, name in zip(temporary, names):
+        os.replace(path, sink / name)
+    return {
+        "files": dict(zip(names, rows)),
+        "documents": len(documents),
+        "tokens": documents.num_tokens,
+        "pairs": len(instances),
+    }
+
+
+def _build_partition_frame(frame, index: int, config: PreprocessConfig) -> dict[str, Any]:
+    """``build_partition`` on a shuffled DataFrame partition, ordered by shuffle key so the output is deterministic."""
+    frame = frame.sort_values("key", kind="stable")
+    return build_partition(frame["text"].tolist(), index, config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Dask pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def preprocess(
+    config: PreprocessConfig,
+    sources: Sequence[Path],
+    client,
+    num_blocks: Optional[int] = None,
+    block_size: Optional[int] = None,
+    balance: bool = True,
+    num_shards: Optional[int] = None,
+) -> dict[str, Any]:
+    """Run the whole pipeline on a ``dask.distributed`` client; returns counts and the ``.num_samples.json`` map.
+
+    ``num_blocks`` (or ``block_size`` in bytes) sets the number of partitions; the parts are then balanced into
+    ``num_shards`` shards (default: the number of partitions) unless ``balance`` is False.
+    """
+    import dask
+    import dask.dataframe as dd
+    import pandas as pd
+
+    config.validate()
+    files = [f for source in sources for f in ([source] if Path(source).is_file() else find_source_files(source))]
+    blocks = plan_blocks(files, num_blocks=num_blocks, block_size=block_size)
+    partitions = num_blocks or len(blocks)
+    sink = Path(config.sink)
+    sink.mkdir(parents=True, exist_ok=True)
+    stale = sorted(p.name for p in sink.iterdir() if ".parquet" in p.name)
+    if stale:
+        raise FileExistsError(f"--sink {sink} already holds Parquet files ({stale[:3]}...); use an empty directory")
+
+    meta = pd.DataFrame({"key": pd.Series([], dtype=np.int64), "text": pd.Series([], dtype=object)})
+    with dask.config.set({"dataframe.convert-string": False}):
+        frame = dd.from_map(
+            read_block,
+            blocks,
+            list(range(len(blocks))),
+            sample_ratio=config.sample_ratio,
+            seed=config.seed,
+            meta=meta,
+            enforce_metadata=False,
+        )
+        frame = frame.shuffle("key", npartitions=partitions)
+        tasks = [
+            dask.delayed(_build_partition_frame)(part, i, config) for i, part in enumerate(frame.to_delayed())
+        ]
+        results = client.compute(tasks, sync=True)
+
+    report: dict[str, Any] = {
+        "partitions": partitions,
+        "documents": sum(r["documents"] for r in results),
+        "tokens": sum(r["tokens"] for r in results),
+        "pairs": sum(r["pairs"] for r in results),
+    }
+    if balance:
+        report["num_samples"] = balance_shards.balance_shards(
+            sink, num_shards or partitions, map_fn=lambda fn, items: client.gather(client.map(fn, items, pure=False))
+        )
+    return report
+
+
+def make_client(args: argparse.Namespace):
+    """A ``dask.distributed`` client: a new LocalCluster, or an existing scheduler (address, file, or dask-mpi)."""
+    import logging
+
+    from dask.distributed import Client, LocalCluster
+
+    # The P2P shuffle logs every shuffle's start and end at WARNING level; they are not problems.
+    logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
+    if args.scheduler_file:
+        return Client(scheduler_file=args.scheduler_file)
+    if args.scheduler_address:
+        return Client(args.scheduler_address)
+    if args.schedule == "mpi":
+        try:
+            from dask_mpi import initialize
+        except ImportError as exc:
+            raise RuntimeError("--schedule mpi needs the dask-mpi and mpi4py packages (pip install dask-mpi)") from exc
+        # Rank 0 becomes the scheduler and ranks >= 2 workers (they never return); rank 1 runs the rest of main().
+        initialize(local_directory=args.local_directory, nanny=False)
+        return Client()
+    cluster = LocalCluster(
+        n_workers=args.local_n_workers,
+        threads_per_worker=args.local_threads_per_worker,
+        memory_limit=args.local_memory_limit,
+        local_directory=args.local_directory,
+        dashboard_address=":0",  # any free port: several pipelines may run on one machine
+    )
+    return Client(cluster)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The LDDL ``preprocess_bert_pretrain`` flags (plus scheduler-connection and balancing options)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sources = parser.add_argument_group("input and output")
+    sources.add_argument("--wikipedia", type=str, default=None,
+                         help="Wikipedia 'source' directory (LDDL layout: <dir>/<lang>/*.txt, or a folder of .txt).")
+    sources.add_argument("--books", type=str, default=None,
+                         help="Another source directory of the same format (one '<id> text' document per line).")
+    sources.add_argument("--common-crawl", type=str, default=None,
+                         help="Another source directory of the same format (one '<id> text' document per line).")
+    sources.add_argument("--wikipedia-lang", type=str, default="en",
+                         help="Subdirectory of --wikipedia to read when it exists (LDDL: source/<lang>).")
+    sources.add_argument("--sink", type=str, required=True,
+                         help="Output directory (must hold no Parquet files yet); gets the shards and .num_samples.json.")
+    sources.add_argument("--vocab-file", type=str, default=str(DEFAULT_VOCAB),
+                         help="WordPiece vocab.txt path (no hub ids: nothing is downloaded); default: bundled uncased vocab.")
+    sources.add_argument("--do-lower-case", action=argparse.BooleanOptionalAction, default=True,
+                         help="Lower-case and strip accents before WordPiece (must match the vocab; default on).")
+
+    pairs = parser.add_argument_group("pairs and masking")
+    pairs.add_argument("--target-seq-length", type=int, default=128,
+                       help="Maximum tokens of '[CLS] A [SEP] B [SEP]' (128 for phase 1, 512 for phase 2).")
+    pairs.add_argument("--short-seq-prob", type=float, default=0.1,
+                       help="Probability that a document's target length is drawn uniformly from [2, target-3].")
+    pairs.add_argument("--duplicate-factor", type=int, default=5,
+                       help="How many times pairs are built from each document (each time with new randomness).")
+    pairs.add_argument("--sample-ratio", type=float, default=0.9,
+                       help="Fraction of documents kept (a seeded Bernoulli draw per document).")
+    pairs.add_argument("--seed", type=int, default=12345,
+                       help="Seed of every random choice; the output is reproducible for a seed, input and --num-blocks.")
+    pairs.add_argument("--masking", action=argparse.BooleanOptionalAction, default=False,
+                       help="Static masking in the shards (adds masked_lm_positions/labels); default: dynamic, in the loader.")
+    pairs.add_argument("--masked-lm-ratio", type=float, default=0.15,
+                       help="Fraction of each sequence's tokens masked with --masking (80%% [MASK], 10%% random, 10%% kept).")
+    pairs.add_argument("--bin-size", type=int, default=None,
+                       help="Sequence-length bin width (must divide --target-seq-length); writes one file per bin.")
+    pairs.add_argument("--sentence-splitter", choices=["auto", "blingfire", "regex"], default="auto",
+                       help="Sentence splitter: blingfire (no model download), regex, or auto (blingfire if installed).")
+
+    sharding = parser.add_argument_group("partitioning and shards")
+    size = sharding.add_mutually_exclusive_group()
+    size.add_argument("--num-blocks", type=int, default=None,
+                      help="Number of partitions, and of output shards (default: one per 32 MiB of source text).")
+    size.add_argument("--block-size", type=int, default=None,
+                      help="Source bytes per partition instead of --num-blocks.")
+    sharding.add_argument("--num-shards", type=int, default=None,
+                          help="Balance into this many shards instead of one per partition.")
+    sharding.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
+                          help="Balance the parts into equal shards at the end (default on; see data.balance_shards).")
+
+    cluster = parser.add_argument_group("dask cluster")
+    cluster.add_argument("--schedule", choices=["local", "mpi"], default="local",
+                         help="local: start a LocalCluster here; mpi: dask-mpi under mpirun/srun (rank 0 scheduler).")
+    cluster.add_argument("--scheduler-address", type=str, default=None,
+                         help="Join a running scheduler (e.g. tcp://host:8786) instead of starting one.")
+    cluster.add_argument("--scheduler-file", type=str, default=None,
+                         help="Join the scheduler described by this file (dask-scheduler --scheduler-file, SLURM jobs).")
+    cluster.add_argument("--local-n-workers", type=int, default=os.cpu_count() or 1,
+                         help="Worker processes of the LocalCluster.")
+    cluster.add_argument("--local-threads-per-worker", type=int, default=1,
+                         help="Threads per LocalCluster worker process.")
+    cluster.add_argument("--local-memory-limit", type=str, default="auto",
+                         help="Memory limit per LocalCluster worker, e.g. 2GB ('auto': system memory / workers).")
+    cluster.add_argument("--local-directory", type=str, default=None,
+                         help="Scratch directory of the workers (shuffle spill files).")
+    args = parser.parse_args(argv)
+    if not (args.wikipedia or args.books or args.common_crawl):
+        parser.error("at least one of --wikipedia, --books, --common-crawl is required")
+    if args.num_blocks is not None and args.num_blocks < 1:
+        parser.error(f"--num-blocks must be positive, got {args.num_blocks}")
+    if args.num_shards is not None and (args.num_shards < 1 or not args.balance):
+        parser.error("--num-shards must be positive and needs --balance")
+    return args
+
+
+DEFAULT_BLOCK_BYTES = 32 << 20
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the process exit status."""
+    args = parse_args(argv)
+    config = PreprocessConfig(
+        sink=os.path.abspath(args.sink),
+        vocab_file=os.path.abspath(args.vocab_file),
+        do_lower_case=args.do_lower_case,
+        target_seq_length=args.target_seq_length,
+        short_seq_prob=args.short_seq_prob,
+        duplicate_factor=args.duplicate_factor,
+        sample_ratio=args.sample_ratio,
+        seed=args.seed,
+        masking=args.masking,
+        masked_lm_ratio=args.masked_lm_ratio,
+        bin_size=args.bin_size,
+        sentence_splitter=args.sentence_splitter,
+    )
+    try:
+        config.validate()
+        sources = []
+        if args.wikipedia:
+            wiki = Path(args.wikipedia)
+            sources.append(wiki / args.wikipedia_lang if (wiki / args.wikipedia_lang).is_dir() else wiki)
+        sources += [Path(p) for p in (args.books, args.common_crawl) if p]
+        for source in sources:
+            find_source_files(source)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    block_size = args.block_size
+    if args.num_blocks is None and block_size is None:
+        block_size = DEFAULT_BLOCK_BYTES
+    print(f"preprocess_pretraining config: {asdict(config)}", flush=True)
+    started = time.perf_counter()
+    with make_client(args) as client:
+        report = preprocess(
+            config, sources, client, num_blocks=args.num_blocks, block_size=block_size,
+            balance=args.balance, num_shards=args.num_shards,
+        )
+    elapsed = time.perf_counter() - started
+    shards = report.get("num_samples", {})
+    print(
+        f"{report['documents']} documents, {report['tokens']} tokens -> {report['pairs']} pairs in "
+        f"{report['partitions']} partitions, {len(shards)} balanced files under {config.sink} ({elapsed:.1f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
