@@ -47,6 +47,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from tokenization import load_vocab
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -226,25 +228,6 @@ def _check_recorded_counts(shards: Sequence[Shard], counts_files: Sequence[str])
 # Vocabulary and reading rows
 # --------------------------------------------------------------------------------------------------------------------
 
-def _read_vocab_lines(vocab_file: PathLike) -> dict[str, int]:
-    """One token per line; the id is the line number (the format of every BERT vocab.txt)."""
-    with open(vocab_file, encoding="utf-8") as handle:
-        return {line.rstrip("\n").strip(): index for index, line in enumerate(handle)}
-
-
-def load_vocab(vocab_file: PathLike) -> dict[str, int]:
-    """Token -> id, through ``tokenization.load_vocab`` when that module is importable."""
-    if not os.path.isfile(vocab_file):
-        raise FileNotFoundError(f"--vocab_file {os.fspath(vocab_file)!r} does not exist")
-    try:
-        from tokenization import load_vocab as tokenization_load_vocab
-    except ModuleNotFoundError as err:
-        if err.name != "tokenization":
-            raise
-        return _read_vocab_lines(vocab_file)
-    return dict(tokenization_load_vocab(os.fspath(vocab_file)))
-
-
 class Vocab:
     """Maps space-joined WordPiece strings to ids in bulk with Arrow kernels (no per-token Python)."""
 
@@ -261,7 +244,7 @@ class Vocab:
 
     @classmethod
     def from_file(cls, vocab_file: PathLike) -> "Vocab":
-        return cls(load_vocab(vocab_file), name=os.fspath(vocab_file))
+        return cls(load_vocab(vocab_file), name=os.fspath(vocab_file))  # reference reading rules (tokenization.py)
 
     def encode(self, strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """Split each string on whitespace and look the tokens up.
@@ -432,13 +415,15 @@ def _fixed_rows_from_arrays(arrays: dict[str, np.ndarray], max_seq_length: Optio
 
 
 class _ShardReader:
-    """Reads row ranges of shards inside one worker; keeps the last Parquet tables, as consecutive pieces share them."""
+    """Reads row ranges of shards inside one worker; keeps recent Parquet tables, as consecutive pieces share them."""
 
     def __init__(self, shard_set: ShardSet, vocab: Optional[Vocab], max_seq_length: Optional[int]) -> None:
         self.shard_set = shard_set
         self.vocab = vocab
         self.max_seq_length = max_seq_length
         self._tables: dict[str, pa.Table] = {}
+        # Binned data alternates between bins: keep each bin's current file (and one more) between its pieces.
+        self._max_tables = len({shard.bin_id for shard in shard_set.shards}) + 1
 
     def read(self, shard: Shard, lo: int, hi: int) -> Union[_PairRows, _FixedRows]:
         try:
@@ -461,7 +446,7 @@ class _ShardReader:
             if table.num_rows != shard.num_samples:
                 raise ShardError(f"{shard.path}: holds {table.num_rows} rows, {shard.num_samples} when listed; "
                                  "the shard changed during training")
-            if len(self._tables) >= 2:
+            if len(self._tables) >= self._max_tables:
                 self._tables.pop(next(iter(self._tables)))
             self._tables[shard.path] = table
         return self._tables[shard.path]

@@ -450,3 +450,93 @@ def test_bad_arguments_name_the_argument(shards):
         loader(shards, rank=2, world_size=2)
     with pytest.raises(ValueError, match="too few for 1000 ranks"):
         loader(shards, world_size=1000, rank=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The repository's own preprocessing output
+# ---------------------------------------------------------------------------------------------------------------------
+
+def lddl_source(directory: Path) -> Path:
+    """An LDDL "source" file (one '<id> text' document per line) from paragraphs of the bundled licence."""
+    text = (REPO / "vocab" / "LICENSE").read_text(encoding="utf-8")
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if len(p.split()) > 20]
+    directory.mkdir(parents=True)
+    path = directory / "0.txt"
+    path.write_text("".join(f"doc-{i} {p}\n" for i, p in enumerate(paragraphs)), encoding="utf-8")
+    return path
+
+
+def run_preprocess(tmp_path: Path, name: str, *flags: str) -> Path:
+    preprocess = pytest.importorskip("data.preprocess_pretraining")
+    sink = tmp_path / name
+    assert preprocess.main(["--wikipedia", str(lddl_source(tmp_path / f"{name}-source")), "--sink", str(sink),
+                            "--num-blocks", "3", "--local-n-workers", "1", "--duplicate-factor", "2",
+                            "--target-seq-length", "64", "--sentence-splitter", "regex", *flags]) == 0
+    return sink
+
+
+def stored_rows(sink: Path) -> list[dict]:
+    return [row for path in sorted(sink.glob("shard-*")) for row in pq.read_table(path).to_pylist()]
+
+
+def test_loads_preprocess_pretraining_output(tmp_path):
+    sink = run_preprocess(tmp_path, "dynamic")
+    rows = stored_rows(sink)
+    expected = collections.Counter((tuple(VOCAB[t] for t in r["A"].split()), tuple(VOCAB[t] for t in r["B"].split()),
+                                    int(r["is_random_next"])) for r in rows)
+    assert len(rows) == sum(json.loads((sink / ".num_samples.json").read_text()).values()) > 20
+    seen = [s for rank in range(2) for batch in loader(sink, rank=rank, world_size=2, num_workers=2, batch_size=4,
+                                                          masked_lm_prob=0.0, max_seq_length=64)
+            for s in decode(batch)]
+    assert len(seen) == len(rows) // 2 * 2 and not collections.Counter(seen) - expected
+    for batch in loader(sink, batch_size=4, max_seq_length=64):
+        assert (batch["labels"] != -1).any() and batch["input_ids"].shape[1] <= 64
+
+
+def test_loads_statically_masked_binned_preprocess_output(tmp_path):
+    sink = run_preprocess(tmp_path, "binned", "--masking", "--bin-size", "32")
+    assert sorted({p.suffix for p in sink.glob("shard-*")}) == [".parquet_0", ".parquet_1"]
+    expected = collections.Counter()
+    for r in stored_rows(sink):
+        ids = [CLS, *(VOCAB[t] for t in r["A"].split()), SEP, *(VOCAB[t] for t in r["B"].split()), SEP]
+        labels = [-1] * len(ids)
+        for p, t in zip(np.load(io.BytesIO(r["masked_lm_positions"])), r["masked_lm_labels"].split()):
+            labels[p] = VOCAB[t]
+        expected[tuple(ids), tuple(labels)] += 1
+    seen = collections.Counter()
+    for batch in loader(sink, batch_size=4, max_seq_length=64):
+        lengths = batch["attention_mask"].sum(1)
+        assert len({min(int(n - 1) // 32, 1) for n in lengths}) == 1  # one bin per batch
+        for ids, labels, n in zip(batch["input_ids"], batch["labels"], lengths):
+            seen[tuple(ids[:n].tolist()), tuple(labels[:n].tolist())] += 1
+    assert seen == expected  # the stored masks, nothing added
+
+
+def test_loads_create_pretraining_data_hdf5(tmp_path):
+    create = pytest.importorskip("data.create_pretraining_data")
+    text = (REPO / "vocab" / "LICENSE").read_text(encoding="utf-8")
+    documents = [re.split(r"(?<=[.;:])\s+", " ".join(p.split())) for p in re.split(r"\n\s*\n", text)
+                 if len(p.split()) > 20]
+    source = tmp_path / "google_format.txt"
+    source.write_text("\n\n".join("\n".join(d) for d in documents) + "\n", encoding="utf-8")
+    output = tmp_path / "hdf5" / "licence_training_0.hdf5"
+    output.parent.mkdir()
+    assert create.main(["--vocab_file", str(VOCAB_FILE), "--input_file", str(source), "--output_file", str(output),
+                        "--max_seq_length", "64", "--max_predictions_per_seq", "10", "--dupe_factor", "2"]) == 0
+    with h5py.File(output) as handle:
+        stored = {key: handle[key][:] for key in handle}
+    expected = collections.Counter()
+    for row in range(len(stored["input_ids"])):
+        n = int(stored["input_mask"][row].sum())
+        labels = np.full(n, -1)
+        positions = stored["masked_lm_positions"][row]
+        labels[positions[positions != 0]] = stored["masked_lm_ids"][row][positions != 0]
+        expected[tuple(stored["input_ids"][row][:n]), tuple(stored["segment_ids"][row][:n]), tuple(labels),
+                 int(stored["next_sentence_labels"][row])] += 1
+    seen = collections.Counter()
+    for batch in get_pretraining_data_loader(output.parent, vocab_file=VOCAB_FILE, batch_size=5, max_seq_length=64):
+        for ids, types, labels, mask, nsp in zip(*(batch[k] for k in (
+                "input_ids", "token_type_ids", "labels", "attention_mask", "next_sentence_labels"))):
+            n = int(mask.sum())
+            seen[tuple(ids[:n].tolist()), tuple(types[:n].tolist()), tuple(labels[:n].tolist()), int(nsp)] += 1
+    assert seen == expected and sum(seen.values()) > 20
