@@ -440,8 +440,10 @@ def _fit_vocab_rows(source: str, key: str, tensor: Tensor, config: BertConfig, r
 class BertPreTrainedModel(nn.Module):
     """Base of every model: BERT's weight init, activation checkpointing, and name-checked load/save."""
 
-    # Hugging Face builds these classes without a pooler; their HF export leaves ours out.
-    hf_has_pooler = True
+    # False for heads that ignore the pooled output (MLM, QA, token classification). They keep the pooler so the
+    # reference's state-dict keys stay, but freeze it: DDP would otherwise wait forever for its gradients.
+    # transformers builds these classes without a pooler, so their HF export leaves it out.
+    uses_pooler = True
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -665,14 +667,14 @@ class BertPreTrainedModel(nn.Module):
         for key, tensor in self.state_dict().items():
             if key == _DECODER_WEIGHT:
                 continue  # tied to the word embeddings; HF re-ties it on load
-            if not self.hf_has_pooler and key.startswith("bert.pooler."):
+            if not self.uses_pooler and key.startswith("bert.pooler."):
                 skipped.append(key)
                 continue
             if key in vocab_keys:
                 tensor = tensor[: self.config.vocab_size]
-            tensors[key.replace(".dense_act.", ".dense.")] = tensor.detach().clone().contiguous()
+            tensors[key.replace(".dense_act.", ".dense.")] = tensor.detach().to("cpu", copy=True).contiguous()
         if skipped:
-            logger.info("HF export: %s has no pooler in transformers; left out %s", type(self).__name__, skipped)
+            logger.info("HF export: transformers' %s has no pooler; left out %s", type(self).__name__, skipped)
         return tensors
 
     def _hf_config_extras(self) -> dict[str, Any]:
@@ -790,11 +792,12 @@ def pretraining_loss(
 class BertForMaskedLM(BertPreTrainedModel):
     """BERT with only the masked-LM head."""
 
-    hf_has_pooler = False
+    uses_pooler = False
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
         self.bert = BertModel(config)
+        self.bert.pooler.requires_grad_(False)  # see `uses_pooler`
         self.cls = nn.ModuleDict(
             {"predictions": BertLMPredictionHead(config, self.bert.embeddings.word_embeddings.weight)}
         )
@@ -884,12 +887,13 @@ class BertForMultipleChoice(BertPreTrainedModel):
 class BertForTokenClassification(BertPreTrainedModel):
     """BERT + dropout + linear classifier on every token (NER-style)."""
 
-    hf_has_pooler = False
+    uses_pooler = False
 
     def __init__(self, config: BertConfig, num_labels: int) -> None:
         super().__init__(config)
         self.num_labels = num_labels
         self.bert = BertModel(config)
+        self.bert.pooler.requires_grad_(False)  # see `uses_pooler`
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         self.init_weights(self.classifier)
@@ -909,11 +913,12 @@ class BertForQuestionAnswering(BertPreTrainedModel):
     """BERT + a linear layer giving answer-span start and end logits per token (SQuAD); no dropout, as the
     reference."""
 
-    hf_has_pooler = False
+    uses_pooler = False
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
         self.bert = BertModel(config)
+        self.bert.pooler.requires_grad_(False)  # see `uses_pooler`
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.init_weights(self.qa_outputs)
 

@@ -188,6 +188,22 @@ def test_task_model_shapes(make, inputs_3d, shapes):
     assert [tuple(o.shape) for o in outputs] == shapes
 
 
+@pytest.mark.parametrize("make", [
+    lambda c: M.BertForPreTraining(c, dense_sequence_output=False), lambda c: M.BertForMaskedLM(c),
+    lambda c: M.BertForNextSentencePrediction(c), lambda c: M.BertForSequenceClassification(c, num_labels=3),
+    lambda c: M.BertForTokenClassification(c, num_labels=5), lambda c: M.BertForQuestionAnswering(c),
+])
+def test_every_trainable_parameter_gets_a_gradient(make):
+    """DDP (without find_unused_parameters) hangs or fails if a trainable parameter gets no gradient: heads that
+    ignore the pooled output must have their pooler frozen."""
+    config = tiny_config()
+    model = make(config)
+    out = model(*batch(config))
+    sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert model.uses_pooler == model.bert.pooler.dense_act.weight.requires_grad
+
+
 def test_multiple_choice_rejects_wrong_choice_count():
     config = tiny_config()
     ids = torch.zeros(2, 4, SEQ, dtype=torch.long)
