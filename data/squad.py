@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -10,7 +11,7 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -372,6 +373,41 @@ def model_inputs(input_ids: torch.Tensor, seq_lengths: torch.Tensor, doc_offsets
     token_type_ids = (positions[None, :] >= doc_offsets[:, None]) & attention_mask
     return {"input_ids": input_ids[:, :width].long(), "token_type_ids": token_type_ids.long(),
             "attention_mask": attention_mask.long()}
+
+
+def predict_logits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], batch_size: int,
+                   device: torch.device, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                   progress: Optional[Callable[[Iterable], Iterable]] = None) -> tuple[list[np.ndarray],
+                                                                                        list[np.ndarray]]:
+    """Start and end logits of every packed feature (``features_to_tensors``), in feature order.
+
+    Features are run longest first in batches of ``batch_size``, each batch cut to its longest row: similar lengths
+    share a batch, so little padding is computed; results are put back in feature order. Row i's arrays are
+    float32 of length ``seq_lengths[i]``.
+    """
+    lengths = tensors["seq_lengths"]
+    order = torch.argsort(lengths, descending=True, stable=True)
+    starts: list[Optional[np.ndarray]] = [None] * len(order)
+    ends: list[Optional[np.ndarray]] = [None] * len(order)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for rows in (progress(batches) if progress else batches):
+                inputs = model_inputs(tensors["input_ids"][rows], lengths[rows], tensors["doc_offsets"][rows])
+                inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+                with autocast():
+                    start_logits, end_logits = model(inputs["input_ids"], inputs["token_type_ids"],
+                                                     inputs["attention_mask"])
+                start_logits = start_logits.float().cpu().numpy()
+                end_logits = end_logits.float().cpu().numpy()
+                for k, row in enumerate(rows.tolist()):
+                    starts[row] = start_logits[k, :lengths[row]]
+                    ends[row] = end_logits[k, :lengths[row]]
+    finally:
+        model.train(was_training)
+    return starts, ends  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------------------------

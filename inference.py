@@ -1,0 +1,195 @@
+"""Answer questions about a text with a fine-tuned SQuAD model: one question from flags or many from a JSON file."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+import utils
+from data import squad
+from file_utils import CheckpointError
+from modeling import BertConfig, BertForQuestionAnswering
+from tokenization import BertTokenizer
+
+CANDIDATES = 20
+DEFAULT_QUESTION = "What do broad-spectrum antibiotics do to the gut flora?"
+DEFAULT_CONTEXT = (
+    "The human gut is home to trillions of bacteria, collectively called the gut flora, which help digest food, "
+    "make vitamins and keep harmful microbes in check. Broad-spectrum antibiotics kill many of these helpful "
+    "bacteria along with the pathogens they are meant to treat. After a course of antibiotics the gut flora can "
+    "take weeks or months to recover, and during that time opportunistic species such as Clostridioides "
+    "difficile may grow unchecked and cause severe diarrhea."
+)
+
+
+def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """All flags in one block: the reference's inference.py flags plus --json_file, --doc_stride, --bf16."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    required = parser.add_argument_group("required")
+    required.add_argument("--init_checkpoint", required=True,
+                          help="Fine-tuned QA weights: a run_squad.py output folder or its pytorch_model.bin, a "
+                               "reference .pt, or a Hugging Face BertForQuestionAnswering folder/file.")
+    other = parser.add_argument_group("other")
+    other.add_argument("--bert_model", default=None,
+                       help="Model name, only echoed in the output (the reference requires it; nothing is looked up).")
+    other.add_argument("--vocab_file", default=None,
+                       help="WordPiece vocabulary; default: vocab.txt beside --init_checkpoint.")
+    other.add_argument("--config_file", default=None,
+                       help="BERT config JSON; default: config.json (or bert_config.json) beside --init_checkpoint.")
+    other.add_argument("--question", default=DEFAULT_QUESTION, help="The question (ignored with --json_file).")
+    other.add_argument("--context", default=DEFAULT_CONTEXT, help="The text to answer from (ignored with --json_file).")
+    other.add_argument("--json_file", default=None,
+                       help="Answer many questions: a JSON list of {\"question\", \"context\"[, \"id\"]} objects, or a "
+                            "SQuAD-format file.")
+    other.add_argument("--seed", type=int, default=1, help="Random seed (prediction itself is deterministic).")
+    other.add_argument("--max_seq_length", type=int, default=384, help="Tokens per window: [CLS] query [SEP] doc [SEP].")
+    other.add_argument("--doc_stride", type=int, default=128,
+                       help="Tokens between window starts when a context is longer than one window (the reference "
+                            "truncates instead).")
+    other.add_argument("--max_query_length", type=int, default=64, help="Questions are cut to this many tokens.")
+    other.add_argument("--n_best_size", type=int, default=1,
+                       help="Answers listed per question, best first (chosen from at least 20 candidates).")
+    other.add_argument("--max_answer_length", type=int, default=30, help="Longest answer, in tokens.")
+    other.add_argument("--predict_batch_size", type=int, default=8, help="Windows per forward pass.")
+    other.add_argument("--no_cuda", action="store_true", help="Run on the CPU even when a GPU is present.")
+    other.add_argument("--do_lower_case", action="store_true", help="Lower-case the text (uncased models).")
+    other.add_argument("--can_give_negative_answer", action="store_true",
+                       help="SQuAD v2.0 model: answer \"\" (unknown) when the null score wins by the threshold.")
+    other.add_argument("--null_score_diff_threshold", type=float, default=-11.0,
+                       help="With --can_give_negative_answer: answer \"\" when null score - best span score > this.")
+    other.add_argument("--fp16", action="store_true", help="fp16 autocast (CUDA only).")
+    other.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU or CPU).")
+    other.add_argument("--local_rank", type=int, default=-1, help="GPU index to run on (-1: the first GPU).")
+    return parser.parse_args(argv)
+
+
+def resolve_files(args: argparse.Namespace) -> tuple[Path, Optional[Path]]:
+    """The vocabulary file and the config file (None: let ``from_pretrained`` find it beside the weights)."""
+    checkpoint = Path(args.init_checkpoint)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"--init_checkpoint {checkpoint} does not exist")
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    vocab = Path(args.vocab_file) if args.vocab_file else folder / "vocab.txt"
+    if not vocab.is_file():
+        raise FileNotFoundError(f"--vocab_file {vocab} does not exist" if args.vocab_file else
+                                f"no --vocab_file given and no vocab.txt in {folder}")
+    config = Path(args.config_file) if args.config_file else None
+    if config is not None and not config.is_file():
+        raise FileNotFoundError(f"--config_file {config} does not exist")
+    return vocab, config
+
+
+def load_qa_model(checkpoint: str, config_file: Optional[Path]) -> BertForQuestionAnswering:
+    """Load a fine-tuned QA model for prediction; fail when the weights carry no QA head or don't fit the config."""
+    config = BertConfig.from_json_file(config_file) if config_file else None
+    try:
+        model = BertForQuestionAnswering.from_pretrained(checkpoint, config=config)
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"--init_checkpoint {checkpoint}: {exc}") from exc
+    missing_head = [key for key in model.load_report.missing if key.startswith("qa_outputs.")]
+    if missing_head:
+        raise CheckpointError(f"--init_checkpoint {checkpoint} is not a question-answering model: it has no "
+                              f"{', '.join(missing_head)} (fine-tune it with run_squad.py first)")
+    return model.eval()
+
+
+def read_items(args: argparse.Namespace) -> list[dict[str, str]]:
+    """The questions to answer: from --json_file (list or SQuAD format), else --question/--context."""
+    if not args.json_file:
+        return [{"id": "0", "question": args.question, "context": args.context}]
+    path = Path(args.json_file)
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--json_file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--json_file {path}: not valid JSON ({exc})") from None
+    if isinstance(content, dict) and "data" in content:
+        dataset = squad.load_squad_json(path)
+        return [{"id": str(qa["id"]), "question": qa["question"], "context": paragraph["context"]}
+                for article in dataset["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+    if not isinstance(content, list):
+        raise ValueError(f"--json_file {path}: expected a list of {{question, context}} objects or SQuAD JSON")
+    items = []
+    for index, item in enumerate(content):
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("question", "context")):
+            raise ValueError(f"--json_file {path}: item [{index}] needs string \"question\" and \"context\" fields")
+        items.append({"id": str(item.get("id", index)), "question": item["question"], "context": item["context"]})
+    return items
+
+
+def answer(items: list[dict[str, str]], model: BertForQuestionAnswering, tokenizer: BertTokenizer,
+           args: argparse.Namespace, device: torch.device, precision: utils.Precision) -> list[dict[str, Any]]:
+    """Run the model over every item's windows and return {id, question, answer, score, nbest} per item."""
+    contexts: dict[str, list[str]] = {}
+    examples = []
+    for item in items:
+        if item["context"] not in contexts:  # questions about one context share its words
+            contexts[item["context"]] = squad.split_context(item["context"])[0]
+        examples.append(squad.SquadExample(qas_id=item["id"], question_text=item["question"],
+                                           doc_tokens=contexts[item["context"]]))
+    features = squad.convert_examples_to_features(examples, tokenizer, args.max_seq_length, args.doc_stride,
+                                                  args.max_query_length, is_training=False)
+    tensors = squad.features_to_tensors(features, args.max_seq_length)
+    starts, ends = squad.predict_logits(model, tensors, args.predict_batch_size, device,
+                                        lambda: utils.autocast(precision, device))
+    # Candidates come from at least the 20 best start/end positions per window (run_squad.py's default), then the
+    # list is cut to --n_best_size: with the reference's n_best_size=1 only the single best start and end could pair.
+    predictions = squad.compute_predictions(
+        examples, features, starts, ends, tokenizer, n_best_size=max(args.n_best_size, CANDIDATES),
+        max_answer_length=args.max_answer_length, do_lower_case=args.do_lower_case,
+        version_2_with_negative=args.can_give_negative_answer,
+        null_score_diff_threshold=args.null_score_diff_threshold)
+    results = []
+    for item, example in zip(items, examples):
+        nbest = predictions.nbest[example.qas_id]
+        text = predictions.answers[example.qas_id]
+        score = next((entry["probability"] for entry in nbest if entry["text"] == text), 0.0)
+        nbest = nbest[:args.n_best_size]
+        results.append({"id": item["id"], "question": item["question"], "answer": text, "score": score,
+                        "nbest": nbest})
+    return results
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_arguments(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        for flag in ("max_seq_length", "doc_stride", "max_query_length", "n_best_size", "max_answer_length",
+                     "predict_batch_size"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+        use_cuda = torch.cuda.is_available() and not args.no_cuda
+        device = torch.device("cuda", max(args.local_rank, 0)) if use_cuda else torch.device("cpu")
+        precision = utils.resolve_precision(args.fp16, args.bf16, device)
+        utils.set_seed(args.seed)
+        vocab_file, config_file = resolve_files(args)
+        tokenizer = BertTokenizer(vocab_file, do_lower_case=args.do_lower_case)
+        items = read_items(args)
+        model = load_qa_model(args.init_checkpoint, config_file)
+        if args.max_seq_length > model.config.max_position_embeddings:
+            raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds the model's max_position_embeddings "
+                             f"{model.config.max_position_embeddings}")
+        results = answer(items, model.to(device), tokenizer, args, device, precision)
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+        print(f"inference.py: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json_file:
+        print(json.dumps({"model": args.bert_model, "results": results}, indent=2, ensure_ascii=False))
+        return 0
+    result = results[0]
+    print(f"question: {result['question']}")
+    print(f"context: {items[0]['context']}")
+    print(f"answer: {result['answer'] or '(no answer)'}")
+    print(f"score: {result['score']:.4f}")
+    print(json.dumps(result["nbest"], indent=2, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
