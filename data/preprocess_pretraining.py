@@ -7,6 +7,9 @@ schema: ``A``, ``B`` (space-joined WordPieces), ``is_random_next`` (bool), ``num
 len(B) + 3), with ``--masking`` also ``masked_lm_positions`` (``np.save`` bytes of a uint16 array of positions in
 ``[CLS] A [SEP] B [SEP]``) and ``masked_lm_labels`` (space-joined original tokens), and with ``--bin-size`` also
 ``bin_id`` (int64; bin b holds sequences of ``b*bin_size+1 .. (b+1)*bin_size`` tokens).
+With ``--output-format hdf5`` each partition becomes instead one reference era-A file ``training_<i>.hdf5``
+(the datasets of ``data.create_pretraining_data``, statically masked, at most ``--max-predictions-per-seq``):
+the sharded HDF5 that the reference's bertPrep.py made, from the same source files and pipeline.
 
 Pipeline (each step runs per partition on the workers; no step gathers the corpus anywhere):
   1. split the source files into ``--num-blocks`` line-aligned byte ranges; read each, keep each document with
@@ -127,6 +130,8 @@ class PreprocessConfig:
     masked_lm_ratio: float = 0.15
     bin_size: Optional[int] = None
     sentence_splitter: str = "auto"
+    output_format: str = "parquet"
+    max_predictions_per_seq: Optional[int] = None
 
     @property
     def num_bins(self) -> Optional[int]:
@@ -150,6 +155,16 @@ class PreprocessConfig:
             raise ValueError(f"--masked-lm-ratio must be in (0, 1), got {self.masked_lm_ratio}")
         if self.duplicate_factor < 1:
             raise ValueError(f"--duplicate-factor must be at least 1, got {self.duplicate_factor}")
+        if self.output_format not in ("parquet", "hdf5"):
+            raise ValueError(f"--output-format must be parquet or hdf5, got {self.output_format!r}")
+        if self.output_format == "hdf5" and self.max_predictions_per_seq is None:
+            raise ValueError("--output-format hdf5 needs --max-predictions-per-seq (the reference uses 20 for 128, 80 for 512)")
+        if self.output_format == "hdf5" and self.bin_size is not None:
+            raise ValueError("--bin-size applies to Parquet output only (HDF5 rows are padded to --target-seq-length)")
+        if self.output_format == "parquet" and self.max_predictions_per_seq is not None and not self.masking:
+            raise ValueError("--max-predictions-per-seq caps static masking: it needs --masking (or --output-format hdf5)")
+        if self.max_predictions_per_seq is not None and self.max_predictions_per_seq < 1:
+            raise ValueError(f"--max-predictions-per-seq must be positive, got {self.max_predictions_per_seq}")
         if not Path(self.vocab_file).is_file():
             raise ValueError(f"--vocab-file {self.vocab_file} does not exist (a WordPiece vocab.txt path is required)")
         get_sentence_splitter(self.sentence_splitter)
@@ -267,6 +282,8 @@ def build_partition(texts: Sequence[str], index: int, config: PreprocessConfig) 
     instances = create_instances(
         documents, config.target_seq_length, config.short_seq_prob, config.duplicate_factor, rng, np_rng
     )
+    if config.output_format == "hdf5":
+        return _write_hdf5_partition(documents, instances, index, config, vocabulary, np_rng)
     vocab = pa.array(vocabulary, type=pa.string())
     mask_id = vocabulary.index("[MASK]") if config.masking else -1
     schema = lddl_schema(config.masking, config.bin_size is not None)
@@ -281,7 +298,8 @@ def build_partition(texts: Sequence[str], index: int, config: PreprocessConfig) 
             pairs = pair_tokens(documents, chunk)
             masked = None
             if config.masking:
-                masked = mask_pairs(pairs, np_rng, config.masked_lm_ratio, len(vocabulary), mask_id)
+                masked = mask_pairs(pairs, np_rng, config.masked_lm_ratio, len(vocabulary), mask_id,
+                                    config.max_predictions_per_seq)
             table = lddl_table(pairs, chunk.is_random_next, vocab, masked, config.bin_size, config.num_bins)
             if config.bin_size is None:
                 writers[0].write_table(table)
@@ -300,6 +318,40 @@ def build_partition(texts: Sequence[str], index: int, config: PreprocessConfig) 
         os.replace(path, sink / name)
     return {
         "files": dict(zip(names, rows)),
+        "documents": len(documents),
+        "tokens": documents.num_tokens,
+        "pairs": len(instances),
+    }
+
+
+def hdf5_file_name(index: int) -> str:
+    """Name of partition ``index``'s HDF5 file ("training" in it, as the reference's era-A loader selects files)."""
+    return f"training_{index}.hdf5"
+
+
+def _write_hdf5_partition(documents, instances, index: int, config: PreprocessConfig, vocabulary: list[str],
+                          np_rng: np.random.Generator) -> dict[str, Any]:
+    """Write a partition's pairs as one reference-format HDF5 file (always statically masked); skip if empty."""
+    from data.create_pretraining_data import write_hdf5
+    from data.instances import padded_features
+
+    ids = {token: i for i, token in enumerate(vocabulary)}
+
+    def blocks():
+        for begin in range(0, len(instances), ROW_GROUP_SIZE):
+            chunk = instances.take(np.arange(begin, min(begin + ROW_GROUP_SIZE, len(instances))))
+            pairs = pair_tokens(documents, chunk)
+            masked = mask_pairs(pairs, np_rng, config.masked_lm_ratio, len(vocabulary), ids["[MASK]"],
+                                config.max_predictions_per_seq)
+            yield padded_features(pairs, masked, chunk.is_random_next, config.target_seq_length,
+                                  config.max_predictions_per_seq, ids["[CLS]"], ids["[SEP]"])
+
+    name = hdf5_file_name(index)
+    if len(instances):
+        write_hdf5(Path(config.sink) / name, blocks(), len(instances), config.target_seq_length,
+                   config.max_predictions_per_seq)
+    return {
+        "files": {name: len(instances)} if len(instances) else {},
         "documents": len(documents),
         "tokens": documents.num_tokens,
         "pairs": len(instances),
@@ -341,9 +393,9 @@ def preprocess(
     partitions = num_blocks or len(blocks)
     sink = Path(config.sink)
     sink.mkdir(parents=True, exist_ok=True)
-    stale = sorted(p.name for p in sink.iterdir() if ".parquet" in p.name)
+    stale = sorted(p.name for p in sink.iterdir() if ".parquet" in p.name or p.suffix == ".hdf5")
     if stale:
-        raise FileExistsError(f"--sink {sink} already holds Parquet files ({stale[:3]}...); use an empty directory")
+        raise FileExistsError(f"--sink {sink} already holds shard files ({stale[:3]}...); use an empty directory")
 
     meta = pd.DataFrame({"key": pd.Series([], dtype=np.int64), "text": pd.Series([], dtype=object)})
     with dask.config.set({"dataframe.convert-string": False}):
@@ -368,7 +420,8 @@ def preprocess(
         "tokens": sum(r["tokens"] for r in results),
         "pairs": sum(r["pairs"] for r in results),
     }
-    if balance:
+    report["files"] = {name: rows for r in results for name, rows in r["files"].items()}
+    if balance and config.output_format == "parquet":
         report["num_samples"] = balance_shards.balance_shards(
             sink, num_shards or partitions, map_fn=lambda fn, items: client.gather(client.map(fn, items, pure=False))
         )
@@ -419,6 +472,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          help="Subdirectory of --wikipedia to read when it exists (LDDL: source/<lang>).")
     sources.add_argument("--sink", type=str, required=True,
                          help="Output directory (must hold no Parquet files yet); gets the shards and .num_samples.json.")
+    sources.add_argument("--output-format", choices=["parquet", "hdf5"], default="parquet",
+                         help="parquet: LDDL shards (era B); hdf5: reference era-A files, statically masked, one per partition.")
     sources.add_argument("--vocab-file", type=str, default=str(DEFAULT_VOCAB),
                          help="WordPiece vocab.txt path (no hub ids: nothing is downloaded); default: bundled uncased vocab.")
     sources.add_argument("--do-lower-case", action=argparse.BooleanOptionalAction, default=True,
@@ -439,6 +494,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="Static masking in the shards (adds masked_lm_positions/labels); default: dynamic, in the loader.")
     pairs.add_argument("--masked-lm-ratio", type=float, default=0.15,
                        help="Fraction of each sequence's tokens masked with --masking (80%% [MASK], 10%% random, 10%% kept).")
+    pairs.add_argument("--max-predictions-per-seq", type=int, default=None,
+                       help="Cap on masked positions per sequence (LDDL: none); required for, and the width of, HDF5.")
     pairs.add_argument("--bin-size", type=int, default=None,
                        help="Sequence-length bin width (must divide --target-seq-length); writes one file per bin.")
     pairs.add_argument("--sentence-splitter", choices=["auto", "blingfire", "regex"], default="auto",
@@ -453,7 +510,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     sharding.add_argument("--num-shards", type=int, default=None,
                           help="Balance into this many shards instead of one per partition.")
     sharding.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
-                          help="Balance the parts into equal shards at the end (default on; see data.balance_shards).")
+                          help="Balance the Parquet parts into equal shards at the end (default on; see data.balance_shards).")
 
     cluster = parser.add_argument_group("dask cluster")
     cluster.add_argument("--schedule", choices=["local", "mpi"], default="local",
@@ -499,6 +556,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         masked_lm_ratio=args.masked_lm_ratio,
         bin_size=args.bin_size,
         sentence_splitter=args.sentence_splitter,
+        output_format=args.output_format,
+        max_predictions_per_seq=args.max_predictions_per_seq,
     )
     try:
         config.validate()
@@ -523,10 +582,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             balance=args.balance, num_shards=args.num_shards,
         )
     elapsed = time.perf_counter() - started
-    shards = report.get("num_samples", {})
+    shards = report.get("num_samples", report["files"])
     print(
         f"{report['documents']} documents, {report['tokens']} tokens -> {report['pairs']} pairs in "
-        f"{report['partitions']} partitions, {len(shards)} balanced files under {config.sink} ({elapsed:.1f} s)"
+        f"{report['partitions']} partitions, {len(shards)} files under {config.sink} ({elapsed:.1f} s)"
     )
     return 0
 
