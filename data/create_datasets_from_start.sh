@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # Build every dataset of the recipe from nothing: download Wikipedia, SQuAD, GLUE and the uncased vocab, extract
 # the Wikipedia articles, then write the phase-1 (seq 128) and phase-2 (seq 512, bins of 64) Parquet shards that
-# run_pretraining.sh reads, and optionally the era-A HDF5 files.
+# run_pretraining.sh reads (LDDL layout, reference era B).
 # Each step is skipped when its output is already complete, so a rerun after a failure continues where it stopped
 # (downloads resume mid-file).
 #
-# Usage: bash data/create_datasets_from_start.sh [num_workers] [num_blocks] [masking] [hdf5] [sample_ratio] [seed]
+# Usage: bash data/create_datasets_from_start.sh [num_workers] [num_blocks] [masking] [sample_ratio] [seed]
 #   num_workers   processes for extraction and Dask preprocessing        (default: $(nproc))
 #   num_blocks    Parquet shards per phase; make it a multiple of
 #                 GPUs x loader workers (reference: 128 x 4 x GPUs)       (default: 4096)
 #   masking       static (masks stored in the shards) or dynamic          (default: static)
-#   hdf5          true: also write era-A HDF5 shards for both phases      (default: false)
 #   sample_ratio  fraction of Wikipedia documents kept                    (default: 0.9)
 #   seed          preprocessing seed                                      (default: 12345)
 # Environment: BERT_PREP_WORKING_DIR (default: $PWD/data), BERT_DATA_MIRROR (mirror for every download, see
@@ -20,9 +19,8 @@ set -euo pipefail
 num_workers=${1:-$(nproc)}
 num_blocks=${2:-4096}
 masking=${3:-static}
-hdf5=${4:-false}
-sample_ratio=${5:-0.9}
-seed=${6:-12345}
+sample_ratio=${4:-0.9}
+seed=${5:-12345}
 
 WD=${BERT_PREP_WORKING_DIR:-$PWD/data}
 PYTHON=${PYTHON:-python3}
@@ -31,7 +29,6 @@ export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
 
 die() { echo "create_datasets_from_start.sh: $*" >&2; exit 1; }
 case "$masking" in static|dynamic) ;; *) die "masking must be 'static' or 'dynamic', got '$masking'" ;; esac
-case "$hdf5" in true|false) ;; *) die "hdf5 must be 'true' or 'false', got '$hdf5'" ;; esac
 [[ "$num_workers" =~ ^[1-9][0-9]*$ ]] || die "num_workers must be a positive integer, got '$num_workers'"
 [[ "$num_blocks" =~ ^[1-9][0-9]*$ ]] || die "num_blocks must be a positive integer, got '$num_blocks'"
 
@@ -47,11 +44,15 @@ step() { echo; echo "=== $* ==="; }
 step "Downloading Wikipedia, SQuAD v1.1/v2.0, GLUE and the uncased vocab"
 "$PYTHON" -m data.download --dataset wikicorpus_en squad glue vocab --outdir "$WD"
 
-step "Extracting Wikipedia articles into $SOURCE"
-if [ -n "$(ls -A "$SOURCE" 2>/dev/null)" ]; then
-  echo "$SOURCE is not empty: skipping (delete it to extract again)"
+step "Extracting Wikipedia articles into $SOURCE/en"
+EXTRACTED=$WD/wikipedia/.extracted  # written only after extraction finished
+if [ -f "$EXTRACTED" ]; then
+  echo "$SOURCE/en is complete ($EXTRACTED present): skipping"
+elif [ -n "$(ls -A "$SOURCE/en" 2>/dev/null)" ]; then
+  die "$SOURCE/en holds files from an unfinished extraction; delete the folder and run this script again"
 else
-  "$PYTHON" -m data.extract_wikipedia --input "$DUMP" --output-dir "$SOURCE" --num-workers "$num_workers"
+  "$PYTHON" -m data.extract_wikipedia --input "$DUMP" --output-dir "$SOURCE/en" --num-workers "$num_workers"
+  touch "$EXTRACTED"
 fi
 
 parquet_shards() {  # $1 = sink, $2 = target sequence length, rest = extra flags
@@ -73,21 +74,6 @@ parquet_shards() {  # $1 = sink, $2 = target sequence length, rest = extra flags
 
 parquet_shards "$PHASE1" 128
 parquet_shards "$PHASE2" 512 --bin-size 64
-
-if [ "$hdf5" = "true" ]; then
-  for spec in "128 20" "512 80"; do
-    read -r seq_len max_pred <<< "$spec"
-    out=$WD/hdf5/seq_${seq_len}_pred_${max_pred}
-    step "Writing seq-$seq_len HDF5 shards into $out"
-    if [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
-      echo "$out is not empty: skipping (delete it to write again)"
-      continue
-    fi
-    "$PYTHON" -m data.create_pretraining_data --input-dir "$SOURCE" --output-dir "$out" --vocab-file "$VOCAB" \
-      --max-seq-length "$seq_len" --max-predictions-per-seq "$max_pred" --num-shards "$num_blocks" \
-      --num-workers "$num_workers" --random-seed "$seed"
-  done
-fi
 
 echo
 echo "Done. Phase 1: $PHASE1"

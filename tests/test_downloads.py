@@ -1,11 +1,15 @@
-"""data.download: every dataset end to end against a mirror served on 127.0.0.1 (no internet), MRPC as GLUE builds it."""
+"""data.download: each dataset end to end against a mirror on 127.0.0.1 (no internet); MRPC built as GLUE does."""
 from __future__ import annotations
 
 import bz2
 import dataclasses
 import hashlib
+import importlib
 import io
 import json
+import os
+import subprocess
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,3 +166,66 @@ def test_cli_reports_unreachable_host_and_exits_nonzero(tmp_path: Path, capsys: 
     assert f"{base}/mrpc/msr_paraphrase_train.txt" in error and "offline" in error
     with pytest.raises(SystemExit):
         download.main(["--dataset", "bookcorpus"])
+
+
+# --- data/create_datasets_from_start.sh, with a stand-in interpreter that records each step ---------------------
+
+STUB = """#!{python}
+import json, os, sys
+from pathlib import Path
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+args = sys.argv[3:]
+def flag(name):
+    return Path(args[args.index(name) + 1])
+if sys.argv[2] == "data.extract_wikipedia":
+    flag("--output-dir").mkdir(parents=True)
+    (flag("--output-dir") / "0.txt").write_text("wiki-1 text\\n")
+if sys.argv[2] == "data.preprocess_pretraining":
+    flag("--sink").mkdir(parents=True)
+    (flag("--sink") / ".num_samples.json").write_text("{{}}")
+"""
+
+
+def run_script(tmp_path: Path, *args: str) -> tuple[int, list[list[str]], str]:
+    """Run the script with ``args``; return its exit status, the recorded ``[-m, module, flags...]`` calls, stderr."""
+    stub, log = tmp_path / "python-stub", tmp_path / "calls.jsonl"
+    stub.write_text(STUB.format(python=sys.executable))
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "STUB_LOG": str(log), "BERT_PREP_WORKING_DIR": str(tmp_path / "wd")}
+    done = subprocess.run(["bash", str(REPO / "data" / "create_datasets_from_start.sh"), *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log.unlink(missing_ok=True)
+    return done.returncode, calls, done.stderr
+
+
+def test_create_datasets_script_runs_each_step_once_with_valid_flags(tmp_path: Path) -> None:
+    code, calls, err = run_script(tmp_path, "3", "8", "static")
+    assert code == 0, err
+    assert [call[1] for call in calls] == ["data.download", "data.extract_wikipedia",
+                                           "data.preprocess_pretraining", "data.preprocess_pretraining"]
+    parsed = [importlib.import_module(call[1]).parse_args(call[2:]) for call in calls]  # the real CLIs accept them
+    wd = tmp_path / "wd"
+    assert set(parsed[0].dataset) == {"wikicorpus_en", "squad", "glue", "vocab"} and parsed[0].outdir == str(wd)
+    assert parsed[1].input == str(wd / "wikipedia" / "wikicorpus-en.xml.bz2") and parsed[1].num_workers == 3
+    assert parsed[1].output_dir == str(wd / "wikipedia" / "source" / "en")
+    phase1, phase2 = parsed[2], parsed[3]
+    assert (phase1.target_seq_length, phase1.bin_size) == (128, None)
+    assert (phase2.target_seq_length, phase2.bin_size) == (512, 64)
+    assert phase1.sink == str(wd / "pretrain" / "phase1" / "unbinned" / "parquet")
+    assert phase2.sink == str(wd / "pretrain" / "phase2" / "bin_size_64" / "parquet")
+    assert phase1.masking and phase2.num_blocks == 8 and phase2.wikipedia == str(wd / "wikipedia" / "source")
+    assert phase1.vocab_file == str(wd / download.VOCAB_PATH)
+
+    code, calls, err = run_script(tmp_path)  # everything is complete: only the (idempotent) download step runs
+    assert code == 0 and [call[1] for call in calls] == ["data.download"], err
+
+
+def test_create_datasets_script_stops_on_bad_args_and_unfinished_output(tmp_path: Path) -> None:
+    code, calls, err = run_script(tmp_path, "2", "8", "sometimes")
+    assert code != 0 and "masking" in err and calls == []
+    (tmp_path / "wd" / "wikipedia" / "source" / "en").mkdir(parents=True)
+    (tmp_path / "wd" / "wikipedia" / "source" / "en" / "0.txt").write_text("half")
+    code, calls, err = run_script(tmp_path, "2", "8")
+    assert code != 0 and "unfinished extraction" in err and [call[1] for call in calls] == ["data.download"]

@@ -260,7 +260,8 @@ def test_local_paths_are_returned_as_is(tmp_path: Path) -> None:
 
 def test_download_file_copies_local_sources(tmp_path: Path) -> None:
     (tmp_path / "src.txt").write_text("hello")
-    dest = download_file(tmp_path / "src.txt", tmp_path / "out" / "dst.txt", sha256=hashlib.sha256(b"hello").hexdigest())
+    digest = hashlib.sha256(b"hello").hexdigest()
+    dest = download_file(tmp_path / "src.txt", tmp_path / "out" / "dst.txt", sha256=digest)
     assert dest.read_text() == "hello"
 
 
