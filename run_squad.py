@@ -309,11 +309,11 @@ def train(args: argparse.Namespace, model: BertForQuestionAnswering, tokenizer: 
                                        "training_features": num_features, "train_batch_size": args.train_batch_size,
                                        "steps": num_train_optimization_steps, "max_steps": max_steps})
 
-    # The pooler gets no gradient from the QA loss: freezing it keeps it out of the optimizer (as the reference
-    # does) and out of DDP's gradient bucketing, which would otherwise wait for it forever.
-    model.bert.pooler.requires_grad_(False)
+    # The pooler gets no gradient from the QA loss; BertForQuestionAnswering freezes it (so DDP doesn't wait for
+    # it) and it stays out of the optimizer, as in the reference.
     model.to(env.device)
-    optimizer = build_optimizer("adamw", param_groups(model, weight_decay=0.01, no_decay=FINETUNING_NO_DECAY),
+    optimizer = build_optimizer("adamw", param_groups(model, weight_decay=0.01, no_decay=FINETUNING_NO_DECAY,
+                                                      drop_pooler=True),
                                 lr=args.learning_rate, device=env.device)
     scheduler = LinearWarmUpScheduler(optimizer, warmup=args.warmup_proportion,
                                       total_steps=num_train_optimization_steps)

@@ -285,13 +285,15 @@ def convert_examples_to_features(examples: Sequence[SquadExample], tokenizer: An
     if doc_stride < 1:
         raise ValueError(f"--doc_stride must be >= 1, got {doc_stride}")
     cls_id, sep_id = tokenizer.vocab["[CLS]"], tokenizer.vocab["[SEP]"]
-    words = list(dict.fromkeys(word for example in examples for word in example.doc_tokens))
+    unique_docs = {id(example.doc_tokens): example.doc_tokens for example in examples}  # questions share them
+    words = list(dict.fromkeys(word for doc in unique_docs.values() for word in doc))
     word_ids = dict(zip(words, _encode(tokenizer, words)))
     queries = _encode(tokenizer, [example.question_text for example in examples])
     answer_rows = [i for i, example in enumerate(examples) if is_training and not example.is_impossible]
     answers = dict(zip(answer_rows, _encode(tokenizer, [examples[i].orig_answer_text for i in answer_rows])))
 
     docs: dict[int, tuple[list[int], np.ndarray, np.ndarray, list[int]]] = {}
+    windows: dict[tuple[int, int], tuple[list[tuple[int, int]], np.ndarray]] = {}  # (doc, query length) -> spans
     features: list[QAFeature] = []
     unique_id = 1000000000
     for example_index, example in enumerate(examples):
@@ -319,8 +321,10 @@ def convert_examples_to_features(examples: Sequence[SquadExample], tokenizer: An
                 tok_end = len(doc_ids) - 1
             tok_start, tok_end = improve_answer_span(doc_ids, tok_start, tok_end, answers[example_index])
 
-        spans = doc_spans(len(doc_ids), max_seq_length - len(query) - 3, doc_stride)
-        owner = max_context_owner(spans, len(doc_ids))
+        if (key, len(query)) not in windows:
+            spans = doc_spans(len(doc_ids), max_seq_length - len(query) - 3, doc_stride)
+            windows[key, len(query)] = spans, max_context_owner(spans, len(doc_ids))
+        spans, owner = windows[key, len(query)]
         doc_offset = len(query) + 2
         head = np.concatenate([[cls_id], query, [sep_id]]).astype(np.int32)
         for span_index, (start, length) in enumerate(spans):
@@ -417,12 +421,11 @@ def predict_logits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], bat
 
 def _strip_spaces(text: str) -> tuple[str, list[int]]:
     """``text`` without spaces, and for each kept character its index in ``text``."""
-    kept = [i for i, char in enumerate(text) if char != " "]
-    return "".join(text[i] for i in kept), kept
+    return text.replace(" ", ""), [i for i, char in enumerate(text) if char != " "]
 
 
-def get_final_text(pred_text: str, orig_text: str, do_lower_case: bool,
-                   basic_tokenizer: Optional[BasicTokenizer] = None, verbose_logging: bool = False) -> str:
+def get_final_text(pred_text: str, orig_text: str, do_lower_case: bool, basic_tokenizer: Any = None,
+                   verbose_logging: bool = False) -> str:
     """Project a normalized predicted span back onto the original text.
 
     ``pred_text`` comes from WordPiece tokens (lower-cased, punctuation split off), ``orig_text`` is the original
@@ -452,6 +455,26 @@ def get_final_text(pred_text: str, orig_text: str, do_lower_case: bool,
     orig_start = orig_ns_to_s[tok_s_to_ns[start]]
     orig_end = orig_ns_to_s[tok_s_to_ns[end]]
     return orig_text[orig_start:orig_end + 1]
+
+
+class _WordCachedBasicTokenizer:
+    """BasicTokenizer over texts made of context words joined by single spaces, tokenizing each distinct word once.
+
+    Basic tokenization never joins across whitespace, so tokenizing the joined words equals joining the words'
+    tokens; post-processing calls it for every n-best candidate, over the same words again and again.
+    """
+
+    def __init__(self, basic: BasicTokenizer) -> None:
+        self.basic = basic
+        self.cache: dict[str, list[str]] = {}
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens: list[str] = []
+        for word in text.split(" "):
+            if word not in self.cache:
+                self.cache[word] = self.basic.tokenize(word)
+            tokens.extend(self.cache[word])
+        return tokens
 
 
 def _softmax(scores: Sequence[float]) -> list[float]:
@@ -497,7 +520,7 @@ def compute_predictions(examples: Sequence[SquadExample], features: Sequence[QAF
 
     ``start_logits[i]`` / ``end_logits[i]`` hold at least ``len(features[i].input_ids)`` logits of window i.
     """
-    basic = BasicTokenizer(do_lower_case=do_lower_case)
+    basic = _WordCachedBasicTokenizer(BasicTokenizer(do_lower_case=do_lower_case))
     by_example: dict[int, list[int]] = collections.defaultdict(list)
     for index, feature in enumerate(features):
         by_example[feature.example_index].append(index)
