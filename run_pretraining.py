@@ -13,7 +13,7 @@ import torch
 
 import utils
 from data.pretraining_dataset import get_pretraining_data_loader
-from file_utils import CheckpointError
+from file_utils import CheckpointError, load_state_dict_file
 from modeling import BertConfig, BertForPreTraining, pretraining_loss
 from optimization import build_optimizer, param_groups
 from schedulers import PolyWarmUpScheduler
@@ -158,15 +158,17 @@ def restore(path: Path, continuing: bool, args: argparse.Namespace, model: BertF
       carry over, the step, schedule, scaler and data position start afresh (the reference's phase-2 rule);
     * a weights-only file (Hugging Face, a fine-tuned or reference export): the model only.
     """
-    if path.is_dir() or path.suffix in (".bin", ".safetensors"):
-        loaded = BertForPreTraining.from_pretrained(str(path), config=model.config)
-        model.load_state_dict(loaded.state_dict())
+    if path.is_dir():  # a Hugging Face or save_pretrained folder: weights only
+        weights = next((p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"--init_checkpoint {path}: no model.safetensors or pytorch_model.bin in it")
+        model.load_weights(load_state_dict_file(weights), source=str(weights))
         return None
-    checkpoint = manager.load(path)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise CheckpointError(f"{path} has no 'model' entry: not a pre-training checkpoint")
-    if "optimizer" not in checkpoint:  # a reference or exported weights-only dict
-        model.load_state_dict(BertForPreTraining.from_pretrained(str(path), config=model.config).state_dict())
+    checkpoint = manager.load(path) if path.suffix != ".safetensors" else {"model": load_state_dict_file(path)}
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} does not hold a checkpoint dictionary")
+    if "optimizer" not in checkpoint:  # weights only: a reference, Hugging Face or exported state dict
+        model.load_weights(checkpoint.get("model", checkpoint), source=str(path))
         return None
     model.load_state_dict(checkpoint["model"], strict=True)
     optimizer.load_state_dict(checkpoint["optimizer"])

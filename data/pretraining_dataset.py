@@ -718,7 +718,10 @@ class PretrainingDataLoader:
         if self.batches_consumed >= len(self):
             self._next_epoch()
         self.dataset.epoch, self.dataset.start_batch = self.epoch, self.batches_consumed
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        # A private generator: creating a DataLoader iterator otherwise draws from torch's global RNG, which would
+        # shift the trainer's dropout masks and break bitwise resume (all randomness here is seeded explicitly).
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            generator=torch.Generator().manual_seed(self.epoch))
         for batch in loader:
             self.batches_consumed += 1
             self.samples_consumed += int(batch["input_ids"].shape[0])
