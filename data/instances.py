@@ -71,9 +71,11 @@ def tokenize_documents(
     chunks: list[np.ndarray] = []
     for begin in range(0, len(texts), batch_size):
         encoded = encode(texts[begin : begin + batch_size])
-        if max_sentence_tokens:
-            encoded = [ids[:max_sentence_tokens] for ids in encoded]
         batch_lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        if max_sentence_tokens:
+            for i in np.flatnonzero(batch_lengths > max_sentence_tokens):  # rare: cut only those
+                encoded[i] = encoded[i][:max_sentence_tokens]
+            np.minimum(batch_lengths, max_sentence_tokens, out=batch_lengths)
         lengths[begin : begin + len(encoded)] = batch_lengths
         chunks.append(
             np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(batch_lengths.sum()))
@@ -310,8 +312,10 @@ def mask_pairs(
     n_predict = np.minimum(n_predict, n_candidates)
 
     rows, r = ragged_arange(n_candidates)
-    # A random order of each pair's candidates: sort by (pair, random key); keep the first n_predict of each pair.
-    order = np.lexsort((np_rng.random(len(rows)), rows))
+    # A random order of each pair's candidates: sort by pair + a uniform fraction (pair index in the integer part,
+    # so pairs stay grouped; with < 2**20 pairs per call 32+ bits of the fraction remain), keep each pair's first
+    # n_predict. The keys arrive nearly sorted, which makes this ~10x faster than a two-key lexsort.
+    order = np.argsort(rows + np_rng.random(len(rows)))
     rank = np.empty_like(order)
     rank[order] = r
     chosen = np.flatnonzero(rank < n_predict[rows])  # ascending, so sorted by pair then position

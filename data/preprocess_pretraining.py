@@ -591,4 +591,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module under its import name, so that Dask pickles its functions by reference
+    # ("data.preprocess_pretraining.read_block"), which a scheduler and workers started elsewhere can import.
+    from data.preprocess_pretraining import main as module_main
+
+    sys.exit(module_main())
