@@ -523,3 +523,71 @@ def test_qa_loss_ignores_positions_outside_the_sequence():
     expected = (torch.nn.functional.cross_entropy(start[:1], torch.tensor([1]))
                 + torch.nn.functional.cross_entropy(end[:1], torch.tensor([2]))) / 2
     assert loss.item() == pytest.approx(expected.item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scripts/run_squad.sh and scripts/configs/squad_config.sh (PYTHON=echo prints the command instead of running it)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_sh(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": "echo", "HOME": str(tmp_path)}
+    return subprocess.run(["bash", str(REPO / "scripts" / "run_squad.sh"), *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=60)
+
+
+def test_run_squad_sh_builds_a_valid_command(tmp_path):
+    v11, v20 = tmp_path / "v1.1", tmp_path / "v2.0"
+    for folder, version in ((v11, "v1.1"), (v20, "v2.0")):
+        folder.mkdir()
+        for name in (f"train-{version}.json", f"dev-{version}.json"):
+            (folder / name).write_text("{}")
+    (v11 / "evaluate-v1.1.py").write_text("")
+    out = tmp_path / "out"
+
+    def command(mode: str, squad_dir: Path, precision: str = "fp32", gpus: str = "0"):
+        done = run_sh(["init.pt", "2.0", "4", "3e-5", "0.1", precision, gpus, "1", str(squad_dir), "vocab.txt",
+                       str(out), mode, "large.json", "-1"], tmp_path)
+        assert done.returncode == 0, done.stderr
+        words = done.stdout.strip().splitlines()[-1].split()
+        script = words.index(str(REPO / "run_squad.py"))
+        return words[:script], run_squad.parse_arguments(words[script + 1:])
+
+    launch, args = command("train eval", v11)
+    assert launch == [] and args.do_train and args.do_predict and args.do_eval and args.no_cuda
+    assert args.train_file == str(v11 / "train-v1.1.json") and args.predict_file == str(v11 / "dev-v1.1.json")
+    assert args.eval_script == str(v11 / "evaluate-v1.1.py") and not args.version_2_with_negative
+    assert (args.max_seq_length, args.doc_stride, args.do_lower_case, args.bert_model) == \
+           (384, 128, True, "bert-large-uncased")
+    assert (args.num_train_epochs, args.train_batch_size, args.learning_rate, args.seed, args.max_steps) == \
+           (2.0, 4, 3e-5, 1, -1)
+    _, args = command("prediction", v20, precision="bf16")
+    assert args.do_predict and not args.do_train and not args.do_eval and args.version_2_with_negative and args.bf16
+    assert args.eval_script is None  # no evaluate-v2.0.py in the folder: the built-in metrics score it
+    launch, args = command("train", v20, gpus="4")
+    assert launch == ["-m", "torch.distributed.run", "--nproc_per_node=4"] and args.do_train and not args.do_predict
+    launch, _ = command("eval", v20, gpus="4")
+    assert launch == []  # prediction runs in one process
+    assert run_sh(["i", "2", "4", "3e-5", "0.1", "fp16", "0"], tmp_path).returncode == 1  # fp16 needs a GPU
+    assert "neither" in run_sh(["i", "2", "4", "3e-5", "0.1", "fp32", "0", "1", str(tmp_path)], tmp_path).stderr
+
+
+def test_squad_config_functions(tmp_path):
+    def call(function: str) -> list[str]:
+        done = subprocess.run(["bash", "-c", f"source scripts/configs/squad_config.sh && {function}"],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    args = call("dgxa100_8gpu_fp16")
+    assert len(args) == 11 and args[1:8] == ["2.0", "32", "3e-5", "0.1", "fp16", "8", "1"]
+    assert call("dgx2_16gpu_fp16_p2binned")[1:8] == ["2.0", "16", "4.6e-5", "0.2", "fp16", "16", "1"]
+    demo = call("cpu_demo /x/ckpt_10.pt")
+    assert len(demo) == 14 and demo[0] == "/x/ckpt_10.pt" and demo[6] == "0"
+    assert demo[8].endswith("data/sample/squad/v2.0") and demo[12].endswith("bert_configs/tiny.json")
+    done = run_sh(demo, tmp_path)
+    assert done.returncode == 0, done.stderr
+    words = done.stdout.strip().splitlines()[-1].split()
+    args = run_squad.parse_arguments(words[1:])
+    assert args.do_train and args.do_predict and args.do_eval and args.version_2_with_negative
+    assert Path(args.train_file).is_file() and Path(args.predict_file).is_file()
