@@ -11,6 +11,8 @@ Shard i is the i-th contiguous run of samples of the parts taken in name order; 
 no randomness is added here. Only the row groups a shard needs are read, shards are written in parallel
 (``map_fn``: threads by default, Dask workers from ``preprocess_pretraining``), each to a temporary directory and
 renamed into place only after all are complete; the inputs are deleted last unless ``--keep-orig`` is given.
+The plan is computed in one pass from the files' footers, so there is no search that can fail to converge (the
+era-A text sharder could loop forever, reference issue #1083) and memory holds at most a few row groups per shard.
 """
 from __future__ import annotations
 

@@ -21,6 +21,12 @@ Pipeline (each step runs per partition on the workers; no step gathers the corpu
      to ``part.<i>.parquet`` in row groups;
   4. balance the parts into ``--num-blocks`` shards of equal size (``data.balance_shards``).
 Unlike LDDL, the result is deterministic for a given seed, input and ``--num-blocks``.
+
+Clusters: by default a LocalCluster of ``--local-n-workers`` processes is started here. On several nodes, start a
+scheduler and workers yourself (``dask scheduler --scheduler-file F`` and ``dask worker --scheduler-file F`` under
+``srun``, or dask-jobqueue) with the repository on their ``PYTHONPATH`` and ``--sink`` on a shared filesystem, then
+pass ``--scheduler-file F`` (or ``--scheduler-address``); or run this script under ``mpirun``/``srun --mpi`` with
+``--schedule mpi`` (needs ``dask-mpi``: rank 0 is the scheduler, rank 1 runs this script, the others are workers).
 """
 from __future__ import annotations
 
@@ -458,6 +464,19 @@ def make_client(args: argparse.Namespace):
     return Client(cluster)
 
 
+def parse_bytes(text: str) -> int:
+    """``"512"``, ``"64K"``, ``"32M"``, ``"1G"`` -> bytes (binary units, as LDDL's n[KMG] flags)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B")
+    try:
+        value = int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (examples: 1048576, 64M, 1G)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"byte count must be positive, got {text!r}")
+    return value
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The LDDL ``preprocess_bert_pretrain`` flags (plus scheduler-connection and balancing options)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -505,8 +524,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     size = sharding.add_mutually_exclusive_group()
     size.add_argument("--num-blocks", type=int, default=None,
                       help="Number of partitions, and of output shards (default: one per 32 MiB of source text).")
-    size.add_argument("--block-size", type=int, default=None,
-                      help="Source bytes per partition instead of --num-blocks.")
+    size.add_argument("--block-size", type=parse_bytes, default=None, metavar="n[KMG]",
+                      help="Source bytes per partition instead of --num-blocks (e.g. 64M).")
     sharding.add_argument("--num-shards", type=int, default=None,
                           help="Balance into this many shards instead of one per partition.")
     sharding.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
