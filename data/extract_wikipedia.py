@@ -372,6 +372,7 @@ def extract(
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The extraction flags (LDDL's --extract-shard-size is --shard-size-mb here)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="The dump: *-pages-articles.xml.bz2 (or an uncompressed .xml).")
     parser.add_argument("--output-dir", required=True,

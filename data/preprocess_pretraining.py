@@ -40,7 +40,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +50,10 @@ import pyarrow.parquet as pq
 from data import balance_shards
 from data.instances import MaskedLM, PairTokens, create_instances, mask_pairs, pair_tokens, tokenize_documents
 from data.sentences import get_sentence_splitter
+
+if TYPE_CHECKING:  # imported lazily at run time: workers that only build partitions need neither
+    import pandas as pd
+    from dask.distributed import Client
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VOCAB = REPO_ROOT / "vocab" / "vocab"
@@ -122,7 +126,7 @@ def bin_ids(num_tokens: np.ndarray, bin_size: int, num_bins: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Everything a worker needs to turn one partition of documents into Parquet (pickled to the workers)."""
+    """Everything a worker needs to turn one partition of documents into shards (pickled to the workers)."""
 
     sink: str
     vocab_file: str
@@ -246,7 +250,7 @@ def read_block_lines(path: str, start: int, end: int) -> list[str]:
     return lines
 
 
-def read_block(block: tuple[str, int, int], block_index: int, sample_ratio: float, seed: int):
+def read_block(block: tuple[str, int, int], block_index: int, sample_ratio: float, seed: int) -> "pd.DataFrame":
     """One block as a DataFrame ``{key, text}``: sampled documents (id stripped) with random shuffle keys."""
     import pandas as pd
 
@@ -364,7 +368,7 @@ def _write_hdf5_partition(documents, instances, index: int, config: PreprocessCo
     }
 
 
-def _build_partition_frame(frame, index: int, config: PreprocessConfig) -> dict[str, Any]:
+def _build_partition_frame(frame: "pd.DataFrame", index: int, config: PreprocessConfig) -> dict[str, Any]:
     """``build_partition`` on a shuffled DataFrame partition, ordered by shuffle key so the output is deterministic."""
     frame = frame.sort_values("key", kind="stable")
     return build_partition(frame["text"].tolist(), index, config)
@@ -378,7 +382,7 @@ def _build_partition_frame(frame, index: int, config: PreprocessConfig) -> dict[
 def preprocess(
     config: PreprocessConfig,
     sources: Sequence[Path],
-    client,
+    client: "Client",
     num_blocks: Optional[int] = None,
     block_size: Optional[int] = None,
     balance: bool = True,
@@ -434,7 +438,7 @@ def preprocess(
     return report
 
 
-def make_client(args: argparse.Namespace):
+def make_client(args: argparse.Namespace) -> "Client":
     """A ``dask.distributed`` client: a new LocalCluster, or an existing scheduler (address, file, or dask-mpi)."""
     import logging
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import bz2
-import collections
 import functools
 import http.server
 import io
@@ -21,7 +20,6 @@ import pytest
 from conftest import REPO, shared_path
 from data import balance_shards, create_pretraining_data, extract_wikipedia, preprocess_pretraining
 from data.instances import (
-    TokenizedDocuments,
     create_instances,
     mask_pairs,
     pair_tokens,
