@@ -323,6 +323,10 @@ def extract(
 
     ``num_workers=0`` cleans in this process (no pool). ``max_articles`` stops after that many articles.
     """
+    try:
+        import mwparserfromhell  # noqa: F401  (fail here, not once per page in the workers)
+    except ImportError as exc:
+        raise ImportError("Wikipedia extraction needs mwparserfromhell: pip install mwparserfromhell") from exc
     started = time.perf_counter()
     existing = sorted(Path(output_dir).glob("*.txt")) if Path(output_dir).is_dir() else []
     if existing:
@@ -397,7 +401,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         report = extract(args.input, args.output_dir, args.num_workers, int(args.shard_size_mb * (1 << 20)),
                          args.max_articles)
-    except (FileNotFoundError, FileExistsError) as exc:
+    except (FileNotFoundError, FileExistsError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ET.ParseError as exc:
