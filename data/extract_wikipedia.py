@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import bz2
 import collections
+import importlib.util
 import multiprocessing
 import os
 import re
@@ -323,10 +324,8 @@ def extract(
 
     ``num_workers=0`` cleans in this process (no pool). ``max_articles`` stops after that many articles.
     """
-    try:
-        import mwparserfromhell  # noqa: F401  (fail here, not once per page in the workers)
-    except ImportError as exc:
-        raise ImportError("Wikipedia extraction needs mwparserfromhell: pip install mwparserfromhell") from exc
+    if importlib.util.find_spec("mwparserfromhell") is None:  # fail here, not once per page in the workers
+        raise ImportError("Wikipedia extraction needs mwparserfromhell: pip install mwparserfromhell")
     started = time.perf_counter()
     existing = sorted(Path(output_dir).glob("*.txt")) if Path(output_dir).is_dir() else []
     if existing:
