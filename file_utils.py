@@ -11,10 +11,11 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 from urllib.parse import unquote, urlparse
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used: Dask workers that only tokenize never pay for it
+    import torch
 
 PathLike = Union[str, os.PathLike]
 
@@ -23,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or of the wrong kind; the message names the file."""
+
+
+_UMASK = os.umask(0o022)  # read the process umask once (os.umask can only be read by setting it) ...
+os.umask(_UMASK)  # ... and put it back
 
 
 @contextlib.contextmanager
@@ -34,6 +39,7 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[Any]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the result the usual permissions
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -48,12 +54,16 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[Any]:
 
 def save_checkpoint(obj: Any, path: PathLike) -> None:
     """``torch.save`` to a temporary name, then rename: a crash mid-write leaves any previous file intact."""
+    import torch
+
     with atomic_write(path) as handle:
         torch.save(obj, handle)
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:
     """Load a ``torch.save`` file with ``weights_only=True`` (never full pickle); clear errors name the file."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
@@ -82,6 +92,8 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read safetensors checkpoint {path}: {exc}") from exc
+    import torch
+
     obj = load_checkpoint(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
