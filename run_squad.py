@@ -382,8 +382,11 @@ def predict(args: argparse.Namespace, model: BertForQuestionAnswering, tokenizer
     if args.do_eval:
         logger.log(step="PARAMETER", data={"eval_start": True})
         dataset = squad.load_squad_json(args.predict_file)
-        metrics = squad.evaluate(dataset, predictions.answers, args.version_2_with_negative,
-                                 predictions.null_odds if args.version_2_with_negative else None)
+        try:
+            metrics = squad.evaluate(dataset, predictions.answers, args.version_2_with_negative,
+                                     predictions.null_odds if args.version_2_with_negative else None)
+        except squad.SquadFormatError as exc:
+            raise squad.SquadFormatError(f"--do_eval on --predict_file {args.predict_file}: {exc}") from None
         summary.update({"exact_match": metrics["exact_match"], "F1": metrics["f1"]})
         summary.update({k: v for k, v in metrics.items() if k not in ("exact_match", "exact", "f1")})
         if args.eval_script:

@@ -68,7 +68,7 @@ def split_context(context: str) -> tuple[list[str], np.ndarray]:
         (doc_tokens, char_to_word_offset) where char_to_word_offset is an int64 array of len(context).
     """
     doc_tokens = [word for word in _WHITESPACE_RE.split(context) if word]
-    codes = np.frombuffer(context.encode("utf-32-le"), dtype=np.uint32)
+    codes = np.frombuffer(context.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     space = np.isin(codes, _WHITESPACE_CODES)
     starts = ~space
     starts[1:] &= space[:-1]
@@ -771,7 +771,14 @@ def evaluate_v2(dataset: dict | list, predictions: dict[str, str], na_probs: Opt
 
 def evaluate(dataset: dict | list, predictions: dict[str, str], version_2_with_negative: bool,
              na_probs: Optional[dict[str, float]] = None) -> dict[str, float]:
-    """Run the metric of the dataset's version; both results carry ``exact_match`` and ``f1`` keys for logging."""
+    """Run the metric of the dataset's version; both results carry ``exact_match`` and ``f1`` keys for logging.
+
+    Raises:
+        SquadFormatError: a question has no ``answers`` list (a file without gold answers can't be scored).
+    """
+    unscored = next((str(qa["id"]) for qa in _iter_qas(dataset) if not isinstance(qa.get("answers"), list)), None)
+    if unscored is not None:
+        raise SquadFormatError(f"question {unscored} has no 'answers' list: evaluation needs the gold answers")
     if not version_2_with_negative:
         return evaluate_v1(dataset, predictions)
     result = evaluate_v2(dataset, predictions, na_probs)

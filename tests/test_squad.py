@@ -17,7 +17,7 @@ import torch
 import run_squad
 from conftest import REPO, shared_path
 from data import squad
-from modeling import BertConfig, BertForQuestionAnswering, BertModel
+from modeling import BertConfig, BertModel
 from tokenization import BertTokenizer
 
 VOCAB = REPO / "vocab" / "vocab"
@@ -441,14 +441,20 @@ def test_run_squad_v1_end_to_end_with_cache_reuse(tmp_path, tiny_init):
     data = tmp_path / "v1.json"
     data.write_text(json.dumps(v1))
     out = tmp_path / "out"
+    # A stand-in for the official evaluate-v1.1.py: same command line (data file, prediction file), JSON on stdout.
+    script = tmp_path / "evaluate-v1.1.py"
+    script.write_text("import json, sys\n"
+                      "data, preds = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))\n"
+                      "print(json.dumps({'exact_match': 12.5, 'f1': len(preds), 'version': data['version']}))\n")
     argv = squad_args(*tiny_init, out, train_file=data, predict_file=data, do_train=True, do_predict=True,
-                      do_eval=True, max_steps=3, gradient_accumulation_steps=2)
+                      do_eval=True, max_steps=3, gradient_accumulation_steps=2, eval_script=script)
     assert run_squad.main(argv) == 0
     predictions = json.loads((out / "predictions.json").read_text())
     assert len(predictions) == 293 and not (out / "null_odds.json").exists()
     em, f1 = independent_scores(v1, predictions)
     result = summary(out / "dllogger.json")
     assert result["exact_match"] == pytest.approx(em) and result["F1"] == pytest.approx(f1)
+    assert result["eval_script_exact_match"] == 12.5 and result["eval_script_f1"] == 293
     cache = next(out.glob("cache/*.pt"))
     stamp = cache.stat().st_mtime_ns
     assert run_squad.main(squad_args(*tiny_init, tmp_path / "out2", train_file=data, do_train=True,
