@@ -47,7 +47,8 @@ def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
                        help="Answer many questions: a JSON list of {\"question\", \"context\"[, \"id\"]} objects, or a "
                             "SQuAD-format file.")
     other.add_argument("--seed", type=int, default=1, help="Random seed (prediction itself is deterministic).")
-    other.add_argument("--max_seq_length", type=int, default=384, help="Tokens per window: [CLS] query [SEP] doc [SEP].")
+    other.add_argument("--max_seq_length", type=int, default=384,
+                       help="Tokens per window: [CLS] query [SEP] doc [SEP].")
     other.add_argument("--doc_stride", type=int, default=128,
                        help="Tokens between window starts when a context is longer than one window (the reference "
                             "truncates instead).")
