@@ -534,7 +534,7 @@ def compute_predictions(examples: Sequence[SquadExample], features: Sequence[QAF
             starts = np.asarray(start_logits[index][:length], dtype=np.float64)
             ends = np.asarray(end_logits[index][:length], dtype=np.float64)
             if version_2_with_negative and starts[0] + ends[0] < null_score:
-                null_score, null_start, null_end = starts[0] + ends[0], float(starts[0]), float(ends[0])
+                null_score, null_start, null_end = float(starts[0] + ends[0]), float(starts[0]), float(ends[0])
             start_grid, end_grid = np.meshgrid(_top_indices(starts, n_best_size), _top_indices(ends, n_best_size),
                                                indexing="ij")  # start-major, as the reference's nested loops
             start_grid, end_grid = start_grid.ravel(), end_grid.ravel()
