@@ -379,9 +379,9 @@ def test_run_glue_train_eval_predict_then_eval_only(glue_run):
             "inference_sequences_per_second"} <= set(summary)
     params = {k for r in records if r.get("step") == "PARAMETER" for k in r["data"]}
     assert {"Config", "SEED", "num_parameters"} <= params
-    assert sorted(p.name for p in glue_run["data"].glob("*.pt")) == [
+    assert {p.name for p in glue_run["data"].glob("bert-tiny-uncased_*.pt")} == {
         "bert-tiny-uncased_64_True_mrpc_dev.pt", "bert-tiny-uncased_64_True_mrpc_test.pt",
-        "bert-tiny-uncased_64_True_mrpc_train.pt"]
+        "bert-tiny-uncased_64_True_mrpc_train.pt"}
 
     # Evaluate the saved model alone (features from the cache): the same accuracy and loss as after training.
     out2 = glue_run["root"] / "out_eval"
@@ -432,3 +432,38 @@ def test_run_glue_reports_malformed_data(glue_run, tmp_path):
     proc = run_glue_cli(*args, "--init_checkpoint", str(glue_run["ckpt"]), "--output_dir", str(tmp_path / "out"),
                         "--do_eval")
     assert proc.returncode == 1 and f"{data / 'dev.tsv'}, line 2: expected 5" in proc.stderr
+
+
+def test_run_glue_sh_on_cpu_writes_logfile(glue_run):
+    out = glue_run["root"] / "out_sh"
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "run_glue.sh"), str(glue_run["ckpt"]), str(glue_run["data"]),
+         str(REPO / "vocab" / "vocab"), str(glue_run["config"]), str(out), "mrpc", "0", "32", "2", "1e-3", "0.1",
+         "1", "-1.0", "fp32", "2", "train eval prediction"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    results = json.loads((out / "results.txt").read_text())
+    assert results["global_step"] == 2 and "acc" in results and (out / "predictions.json").is_file()
+    log = (out / "logfile").read_text()
+    assert "--do_train --do_eval --do_predict --no_cuda" in log and "exact_match" in log
+    bad = subprocess.run(["bash", str(REPO / "scripts" / "run_glue.sh"), "x", "x", "x", "x", str(out), "mrpc", "0",
+                          "8", "1", "1e-3", "0.1", "1", "-1.0", "fp16"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "fp16 needs a GPU" in bad.stderr
+
+
+@pytest.mark.parametrize("function,expected", [
+    # global batch 128 over 8 GPUs -> 16 per GPU, fits the capacity of 128 in one micro-batch.
+    ("mrpc_dgxa100_8gpu_fp16", ["mrpc", "8", "16", "1", "2.4e-5", "0.1", "3", "-1.0", "fp16"]),
+    # 1024 on one GPU, capacity 128: accumulation doubles to 8 (micro-batch 128).
+    ("sst-2_dgxa100_1gpu_fp16", ["sst-2", "1", "1024", "8", "3e-5", "0.1", "3", "-1.0", "fp16"]),
+    ("sst-2_dgxa100_2gpu_tf32", ["sst-2", "2", "256", "4", "2e-5", "0.1", "3", "-1.0", "tf32"]),
+    ("sst-2_dgx2_1gpu_fp32", ["sst-2", "1", "1024", "16", "3e-5", "0.1", "3", "-1.0", "fp32"]),
+    ("mrpc_dgxa10080g_1gpu_tf32_p2binned", ["mrpc", "1", "128", "1", "1.8e-5", "0.3", "3", "-1.0", "tf32"]),
+    ("sst-2_dgxa10080g_1gpu_fp16_p2binned", ["sst-2", "1", "1024", "4", "1e-5", "0.1", "3", "-1.0", "fp16"]),
+])
+def test_glue_config_functions(function, expected):
+    proc = subprocess.run(["bash", "-c", f"source scripts/configs/glue_config.sh && {function}"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    values = proc.stdout.split()
+    assert len(values) == 14 and values[5:] == expected
+    assert values[1].endswith(("/MRPC/", "/SST-2/")) and values[2].endswith("vocab/vocab")
