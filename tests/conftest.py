@@ -13,6 +13,13 @@ sys.path.insert(0, str(REPO))
 # CI lays ../shared beside the clone; a user's fresh clone has none, so tests that need it skip.
 SHARED_DATA = Path(os.environ.get("BERT_SHARED_DATA", REPO.parent / "shared" / "data"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests run tiny models, for which extra intra-op threads cost more than they give (and oversubscribe a shared
+# 2-core machine badly): one thread here and in every subprocess the tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS is set)
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
