@@ -166,6 +166,8 @@ def load_features(args: argparse.Namespace, processor: DataProcessor, tokenizer:
             except CheckpointError as exc:
                 print(f"run_glue.py: ignoring unreadable features cache: {exc}", file=sys.stderr)
     examples = processor.get_examples(args.data_dir, split)
+    if not examples:
+        raise GlueDataError(f"{source}: holds no examples")
     features, _ = convert_examples_to_features(examples, processor.get_labels(), args.max_seq_length, tokenizer)
     tensors = features_to_tensors(features)
     guids = [ex.guid for ex in examples]

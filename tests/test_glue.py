@@ -467,3 +467,28 @@ def test_glue_config_functions(function, expected):
     values = proc.stdout.split()
     assert len(values) == 14 and values[5:] == expected
     assert values[1].endswith(("/MRPC/", "/SST-2/")) and values[2].endswith("vocab/vocab")
+
+
+def test_run_glue_stsb_regression_in_process(glue_run, tmp_path):
+    import run_glue
+
+    data = tmp_path / "STS-B"
+    head = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2"]
+    rows = [tsv(str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none",
+                f"a man is playing a flute {i}.", f"a man plays the flute {i % 3}.", f"{i % 6}.000")
+            for i in range(24)]
+    write(data, "train.tsv", [tsv(*head, "score"), *rows])
+    write(data, "dev.tsv", [tsv(*head, "score"), *rows[:12]])
+    write(data, "test.tsv", [tsv(*head), *(r.rsplit("\t", 1)[0] for r in rows[:5])])
+    args = [a if a not in (str(glue_run["data"]), "mrpc") else {"mrpc": "sts-b"}.get(a, str(data))
+            for a in glue_run["common"]]
+    out = tmp_path / "out"
+    assert run_glue.main([*args, "--init_checkpoint", str(glue_run["ckpt"]), "--output_dir", str(out), "--do_train",
+                          "--do_eval", "--do_predict", "--train_batch_size", "8", "--num_train_epochs", "1",
+                          "--skip_checkpoint"]) == 0
+    results = json.loads((out / "results.txt").read_text())
+    assert results["global_step"] == 3 and {"pearson", "spearmanr", "corr", "eval:loss"} <= set(results)
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert list(predictions) == [f"test-{i}" for i in range(5)]
+    assert all(math.isfinite(float(v)) for v in predictions.values())
+    assert not (out / "pytorch_model.bin").exists()  # --skip_checkpoint
