@@ -140,17 +140,24 @@ class BertSelfAttention(nn.Module):
         return context.transpose(1, 2).reshape(batch, seq_len, hidden)  # [B, S, H]
 
 
-class BertSelfOutput(nn.Module):
-    """Attention output projection, dropout, residual add and LayerNorm."""
+class _ResidualOutput(nn.Module):
+    """Projection to H, dropout, residual add and LayerNorm: the post-LN tail of both sub-blocks of a layer."""
 
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, in_features: int, config: BertConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
         return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class BertSelfOutput(_ResidualOutput):
+    """Attention output projection H -> H, dropout, residual add and LayerNorm."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config.hidden_size, config)
 
 
 class BertAttention(nn.Module):
@@ -176,17 +183,11 @@ class BertIntermediate(nn.Module):
         return self.dense_act(hidden_states)
 
 
-class BertOutput(nn.Module):
+class BertOutput(_ResidualOutput):
     """Second feed-forward layer, intermediate_size -> H, dropout, residual add and LayerNorm."""
 
     def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        super().__init__(config.intermediate_size, config)
 
 
 class BertLayer(nn.Module):
