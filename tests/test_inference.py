@@ -17,16 +17,6 @@ from modeling import BertConfig, BertForQuestionAnswering, BertModel
 VOCAB = REPO / "vocab" / "vocab"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for these tiny models: on a shared 2-core machine, two spinning OpenMP threads wait for
-    each other at every op (a run takes ~8x longer), and tiny matrices gain nothing from a second thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def squad_run(tmp_path_factory) -> dict[str, Path]:
     """A tiny QA model fine-tuned for a few steps by run_squad.py on the first article of the SQuAD v2.0 sample,

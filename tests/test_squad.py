@@ -23,16 +23,6 @@ from tokenization import BertTokenizer
 VOCAB = REPO / "vocab" / "vocab"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for these tiny models: on a shared 2-core machine, two spinning OpenMP threads wait for
-    each other at every op (a run takes ~8x longer), and tiny matrices gain nothing from a second thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer() -> BertTokenizer:
     return BertTokenizer(VOCAB, do_lower_case=True)
