@@ -10,7 +10,8 @@
 # prediction run on one rank). Output and errors are also written to <out_dir>/logfile.
 set -euo pipefail
 
-default_gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+default_gpus=$(count_gpus)
 CODEDIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BERT_PREP_WORKING_DIR=${BERT_PREP_WORKING_DIR:-$CODEDIR/data}
 
@@ -32,18 +33,7 @@ seed=${15:-"2"}
 mode=${16:-"train eval"}
 PYTHON=${PYTHON:-python3}
 
-case "$precision" in
-  fp16) PREC="--fp16" ;;
-  bf16) PREC="--bf16" ;;
-  fp32|tf32) PREC="" ;;
-  *) echo "run_glue.sh: unknown precision '$precision' (fp16, bf16, tf32 or fp32)" >&2; exit 1 ;;
-esac
-if [ "$num_gpu" -eq 0 ]; then
-  [ "$precision" = "fp16" ] && { echo "run_glue.sh: fp16 needs a GPU; use bf16 or fp32 on the CPU" >&2; exit 1; }
-  DEVICE="--no_cuda"; procs=1
-else
-  DEVICE=""; procs=$num_gpu
-fi
+setup_device run_glue.sh "$precision" "$num_gpu"
 
 MODE=()
 [[ "$mode" == *train* ]] && MODE+=(--do_train)
@@ -54,11 +44,7 @@ if [ ${#MODE[@]} -eq 0 ]; then
 fi
 [[ "$mode" != *train* ]] && procs=1  # evaluation and prediction run on the main process only
 
-if [ "$procs" -gt 1 ]; then
-  LAUNCH=("$PYTHON" -m torch.distributed.run --nproc_per_node="$procs")
-else
-  LAUNCH=("$PYTHON")
-fi
+set_launcher
 
 mkdir -p "$out_dir"
 CMD=("${LAUNCH[@]}" "$CODEDIR/run_glue.py"

@@ -5,7 +5,8 @@
 #        bash scripts/run_pretraining.sh $(source scripts/configs/pretrain_config.sh && cpu_demo)
 set -euo pipefail
 
-default_gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+default_gpus=$(count_gpus)
 CODEDIR_DEFAULT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BERT_PREP_WORKING_DIR=${BERT_PREP_WORKING_DIR:-$CODEDIR_DEFAULT/data}
 
@@ -50,19 +51,8 @@ num_nodes=${SLURM_JOB_NUM_NODES:-1}
 cd "$CODEDIR"
 mkdir -p "$CHECKPOINTS_DIR"
 
-case "$precision" in
-  fp16) PREC="--fp16" ;;
-  bf16) PREC="--bf16" ;;
-  fp32|tf32) PREC="" ;;
-  *) echo "run_pretraining.sh: unknown precision '$precision' (fp16, bf16, tf32 or fp32)" >&2; exit 1 ;;
-esac
-if [ "$num_gpus" -eq 0 ]; then
-  echo "No GPU found: running on the CPU in one process."
-  DEVICE="--no_cuda"; procs=1
-  [ "$precision" = "fp16" ] && { echo "run_pretraining.sh: fp16 needs a GPU; use bf16 or fp32 on the CPU" >&2; exit 1; }
-else
-  DEVICE=""; procs=$num_gpus
-fi
+setup_device run_pretraining.sh "$precision" "$num_gpus"
+[ "$procs" -eq 1 ] && [ -n "$DEVICE" ] && echo "No GPU found: running on the CPU in one process."
 ACCUMULATE=""; ACCUMULATE2=""
 if [ "$accumulate_gradients" = "true" ]; then
   ACCUMULATE="--gradient_accumulation_steps=$gradient_accumulation_steps"
@@ -75,11 +65,7 @@ RESUME=""; [ "$resume_training" = "true" ] && RESUME="--resume_from_checkpoint"
 INIT=""; [ "$init_checkpoint" != "None" ] && INIT="--init_checkpoint=$init_checkpoint"
 num_blocks=$((num_shards_per_worker * (num_workers > 1 ? num_workers : 1) * num_nodes * (procs > 1 ? procs : 1)))
 
-if [ "$procs" -gt 1 ]; then
-  LAUNCH=("$PYTHON" -m torch.distributed.run --nproc_per_node="$procs")
-else
-  LAUNCH=("$PYTHON")
-fi
+set_launcher
 
 prepare_shards() {  # $1 = output folder, $2 = target sequence length, $3 = bin size or "none"
   if [ -d "$1" ] && [ -n "$(ls -A "$1" 2>/dev/null)" ]; then return; fi

@@ -12,7 +12,8 @@
 # process). Output is also written to OUT_DIR/logfile.txt.
 set -euo pipefail
 
-default_gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+default_gpus=$(count_gpus)
 CODEDIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BERT_PREP_WORKING_DIR=${BERT_PREP_WORKING_DIR:-$CODEDIR/data}
 
@@ -32,18 +33,7 @@ CONFIG_FILE=${13:-"$CODEDIR/bert_configs/large.json"}
 max_steps=${14:-"-1"}
 PYTHON=${PYTHON:-python3}
 
-case "$precision" in
-  fp16) PREC="--fp16" ;;
-  bf16) PREC="--bf16" ;;
-  fp32|tf32) PREC="" ;;
-  *) echo "run_squad.sh: unknown precision '$precision' (fp16, bf16, tf32 or fp32)" >&2; exit 1 ;;
-esac
-if [ "$num_gpu" -eq 0 ]; then
-  [ "$precision" = "fp16" ] && { echo "run_squad.sh: fp16 needs a GPU; use bf16 or fp32 on the CPU" >&2; exit 1; }
-  DEVICE="--no_cuda"; procs=1
-else
-  DEVICE=""; procs=$num_gpu
-fi
+setup_device run_squad.sh "$precision" "$num_gpu"
 
 if [ -f "$squad_dir/train-v1.1.json" ] || [ -f "$squad_dir/dev-v1.1.json" ]; then
   version=v1.1; VERSION_FLAGS=()
@@ -64,11 +54,7 @@ case "$mode" in
   *) MODE=("${TRAIN[@]}" "${PREDICT[@]}" "${EVAL[@]}") ;;
 esac
 
-if [ "$procs" -gt 1 ]; then
-  LAUNCH=("$PYTHON" -m torch.distributed.run --nproc_per_node="$procs")
-else
-  LAUNCH=("$PYTHON")
-fi
+set_launcher
 
 mkdir -p "$OUT_DIR"
 CMD=("${LAUNCH[@]}" "$CODEDIR/run_squad.py"
