@@ -196,25 +196,11 @@ def micro_batches_per_epoch(num_examples: int, micro_batch: int, world_size: int
 
 def train_batches(tensors: Batch, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1,
                   state: Optional[utils.TrainState] = None) -> Iterator[Batch]:
-    """Endless shuffled micro-batches, epoch after epoch; the caller stops after its number of steps.
-
-    Epoch e's order is ``randperm`` seeded with ``seed + e``: the same on every rank, which takes every
-    ``world_size``-th example from ``rank`` (the permutation wraps around so that all ranks get equally many).
-    ``state.epoch`` counts the finished passes.
-    """
-    num = tensors["input_ids"].shape[0]
-    epoch = 0
-    while True:
-        order = torch.randperm(num, generator=torch.Generator().manual_seed(seed + epoch))
-        if world_size > 1:
-            total = math.ceil(num / world_size) * world_size
-            order = torch.cat([order, order[: total - num]])[rank::world_size]
-        for start in range(0, len(order), micro_batch):
-            index = order[start:start + micro_batch]
-            yield trim_padding({k: v[index] for k, v in tensors.items()})
-        epoch += 1
-        if state is not None:
-            state.epoch = epoch
+    """Endless shuffled micro-batches of this rank's share (``utils.shuffled_batches``), each trimmed to its
+    longest row; the caller stops after its number of steps."""
+    env = utils.RunEnv(rank=rank, world_size=world_size)
+    return utils.shuffled_batches(tensors["input_ids"].shape[0], micro_batch, seed, env,
+                                  lambda index: trim_padding({k: v[index] for k, v in tensors.items()}), state)
 
 
 def make_loss_fn(regression: bool, running: list[torch.Tensor]) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
@@ -247,9 +233,8 @@ def train(args: argparse.Namespace, model: BertForSequenceClassification, tensor
     optimizer = build_optimizer("adamw", param_groups(model, weight_decay=0.01, no_decay=FINETUNING_NO_DECAY),
                                 lr=args.learning_rate, eps=1e-6, device=env.device)
     scheduler = LinearWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=total_steps)
-    scaler = utils.make_grad_scaler(precision, env.device, init_scale=args.loss_scale or 2.0**16)
-    if args.loss_scale > 0:
-        scaler.set_growth_interval(2**31 - 1)
+    scaler = utils.make_grad_scaler(precision, env.device, init_scale=args.loss_scale or 2.0**16,
+                                    static=args.loss_scale > 0)
     wrapped = utils.wrap_model(model, env)
     state = utils.TrainState()
     running = [torch.zeros((), device=env.device)]

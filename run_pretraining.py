@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -212,9 +211,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         optimizer = build_optimizer("lamb", param_groups(model, weight_decay=0.01), lr=args.learning_rate,
                                     device=env.device)
         scheduler = PolyWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=args.max_steps)
-        scaler = utils.make_grad_scaler(precision, env.device, init_scale=args.loss_scale or args.init_loss_scale)
-        if args.loss_scale > 0:
-            scaler.set_growth_interval(2**31 - 1)
+        scaler = utils.make_grad_scaler(precision, env.device, init_scale=args.loss_scale or args.init_loss_scale,
+                                        static=args.loss_scale > 0)
         state = utils.TrainState()
         manager = utils.CheckpointManager(args.output_dir, keep=args.keep_checkpoints, logger=logger)
         start, continuing = find_resume_checkpoint(args, manager)

@@ -268,26 +268,16 @@ def load_train_features(args: argparse.Namespace, tokenizer: BertTokenizer, env:
 
 def train_batches(tensors: dict[str, torch.Tensor], micro_batch: int, env: utils.RunEnv, seed: int,
                   state: utils.TrainState) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled micro-batches of this rank's share of the features, one epoch after another.
+    """Endless shuffled micro-batches of this rank's share of the features (``utils.shuffled_batches``), each cut
+    to its longest row."""
+    def make_batch(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch = squad.model_inputs(tensors["input_ids"][rows], tensors["seq_lengths"][rows],
+                                   tensors["doc_offsets"][rows])
+        batch["start_positions"] = tensors["start_positions"][rows]
+        batch["end_positions"] = tensors["end_positions"][rows]
+        return batch
 
-    Each epoch is a fresh permutation (seeded by seed + epoch, the same on every rank), padded by wrapping around
-    to a multiple of the world size and dealt out rank by rank, like ``DistributedSampler``. Batches are cut to
-    their longest row.
-    """
-    count = len(tensors["seq_lengths"])
-    per_rank = math.ceil(count / env.world_size)
-    while True:
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + state.epoch))
-        order = order.repeat(math.ceil(per_rank * env.world_size / count))[:per_rank * env.world_size]
-        shard = order[env.rank::env.world_size]
-        for first in range(0, per_rank, micro_batch):
-            rows = shard[first:first + micro_batch]
-            batch = squad.model_inputs(tensors["input_ids"][rows], tensors["seq_lengths"][rows],
-                                       tensors["doc_offsets"][rows])
-            batch["start_positions"] = tensors["start_positions"][rows]
-            batch["end_positions"] = tensors["end_positions"][rows]
-            yield batch
-        state.epoch += 1
+    return utils.shuffled_batches(len(tensors["seq_lengths"]), micro_batch, seed, env, make_batch, state)
 
 
 def train(args: argparse.Namespace, model: BertForQuestionAnswering, tokenizer: BertTokenizer, config: BertConfig,
@@ -317,9 +307,8 @@ def train(args: argparse.Namespace, model: BertForQuestionAnswering, tokenizer: 
                                 lr=args.learning_rate, device=env.device)
     scheduler = LinearWarmUpScheduler(optimizer, warmup=args.warmup_proportion,
                                       total_steps=num_train_optimization_steps)
-    scaler = utils.make_grad_scaler(precision, env.device, init_scale=args.loss_scale or 2.0**16)
-    if args.loss_scale > 0:
-        scaler.set_growth_interval(2**31 - 1)
+    scaler = utils.make_grad_scaler(precision, env.device, init_scale=args.loss_scale or 2.0**16,
+                                    static=args.loss_scale > 0)
     wrapped = utils.wrap_model(model, env)
 
     def loss_fn(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import math
 import os
 import random
 import re
@@ -169,9 +170,17 @@ def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractC
     return torch.autocast(device_type=device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
-def make_grad_scaler(precision: Precision, device: torch.device, init_scale: float = 2.0**16) -> torch.amp.GradScaler:
-    """Dynamic loss scaler, enabled only for fp16 (bf16 and fp32 have fp32's exponent range)."""
-    return torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=precision == "fp16")
+def make_grad_scaler(precision: Precision, device: torch.device, init_scale: float = 2.0**16,
+                     static: bool = False) -> torch.amp.GradScaler:
+    """Loss scaler, enabled only for fp16 (bf16 and fp32 have fp32's exponent range).
+
+    Dynamic by default. ``static`` (the reference's ``--loss_scale S`` > 0) keeps ``init_scale`` from growing; it
+    still halves on an overflow, so that step is skipped instead of applied.
+    """
+    scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=precision == "fp16")
+    if static:
+        scaler.set_growth_interval(2**31 - 1)
+    return scaler
 
 
 def wrap_model(model: nn.Module, env: RunEnv, compile: bool = False, allreduce_fp16: bool = False) -> nn.Module:
@@ -203,6 +212,28 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def shuffled_batches(num_items: int, micro_batch: int, seed: int, env: RunEnv,
+                     make_batch: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+                     state: Optional[TrainState] = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless micro-batches of this rank's share of ``num_items`` examples, epoch after epoch.
+
+    Epoch e is a permutation seeded by ``seed + e`` (the same on every rank), wrapped around to a multiple of the
+    world size and dealt out rank by rank, like ``DistributedSampler``; ``make_batch(indices)`` builds each batch.
+    ``state.epoch`` counts the finished passes (and says where to start).
+    """
+    per_rank = math.ceil(num_items / env.world_size)
+    epoch = state.epoch if state is not None else 0
+    while True:
+        order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch))
+        order = order.repeat(math.ceil(per_rank * env.world_size / num_items))[:per_rank * env.world_size]
+        shard = order[env.rank::env.world_size]
+        for first in range(0, per_rank, micro_batch):
+            yield make_batch(shard[first:first + micro_batch])
+        epoch += 1
+        if state is not None:
+            state.epoch = epoch
 
 
 def move_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
