@@ -678,13 +678,7 @@ def compute_f1(gold: str, prediction: str) -> float:
     gold_tokens, pred_tokens = get_tokens(gold), get_tokens(prediction)
     if not gold_tokens or not pred_tokens:
         return float(gold_tokens == pred_tokens)
-    common = collections.Counter(gold_tokens) & collections.Counter(pred_tokens)
-    num_same = sum(common.values())
-    if num_same == 0:
-        return 0.0
-    precision = num_same / len(pred_tokens)
-    recall = num_same / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
+    return f1_score(prediction, gold)
 
 
 def get_raw_scores(dataset: dict | list, predictions: dict[str, str]) -> tuple[dict[str, int], dict[str, float]]:
