@@ -203,3 +203,11 @@ def test_two_phase_shell_demo(tmp_path):
     final = load_checkpoint(tmp_path / "results" / "checkpoints" / "ckpt_24.pt")
     assert final["phase"] == 2 and final["train_state"]["step"] == 4
     assert list((tmp_path / "results").glob("bert_cpu_demo.pyt_bert_pretraining_phase2_*.log"))
+
+
+def test_compile_smoke(shards, tmp_path):
+    """The one torch.compile test (compiling is slow on 2 cores): --compile trains and saves plain weight names."""
+    out = tmp_path / "run"
+    assert run_pretraining.main(_args(shards["train"], out, "--compile", steps=2)) == 0
+    saved = load_checkpoint(out / "ckpt_2.pt")["model"]
+    assert set(saved) == set(BertForPreTraining(BertConfig.from_json_file(TINY)).state_dict())
