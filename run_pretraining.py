@@ -270,17 +270,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         last_step = min(args.max_steps, state.step + steps_this_run)
         logger.log(step="PARAMETER", data={"train_start": True, "batch_size_per_gpu": args.train_batch_size,
                                            "learning_rate": args.learning_rate, "start_step": offset + state.step})
-        seq_len_flops = utils.bert_flops_per_sequence
-        dense = not args.no_dense_sequence_output
+        def batch_flops(batch: dict[str, torch.Tensor]) -> float:
+            size, seq_len = batch["input_ids"].shape
+            masked = float((batch["labels"] != -1).sum()) / size if model.dense_sequence_output else None
+            return size * utils.bert_flops_per_sequence(config, seq_len, masked_tokens=masked)
+
         wall_start = time.perf_counter()
         result = utils.train_loop(
             wrapped, batches(), loss_fn, optimizer, scheduler, scaler, env=env, precision=precision,
             gradient_accumulation_steps=args.gradient_accumulation_steps, max_steps=last_step, max_grad_norm=None,
             state=state, log_freq=args.log_freq, logger=logger, on_step=on_step,
             progress=not args.disable_progress_bar, allreduce_post_accumulation=args.allreduce_post_accumulation,
-            flops_per_batch=lambda b: b["input_ids"].shape[0] * seq_len_flops(
-                config, b["input_ids"].shape[1],
-                masked_tokens=float((b["labels"] != -1).sum()) / b["input_ids"].shape[0] if dense else None))
+            flops_per_batch=batch_flops)
         if not result.stopped_early and state.step > 0:
             save(state)
         logger.log(step=tuple(), data={"e2e_train_time": time.perf_counter() - wall_start,
