@@ -235,13 +235,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             return pretraining_loss(scores, nsp, batch["labels"], batch["next_sentence_labels"])[0]
 
         def batches() -> Iterator[dict[str, torch.Tensor]]:
-            while True:
-                for batch in loader:
-                    if int(batch["input_ids"].max()) >= config.padded_vocab_size:
-                        raise ValueError(f"a token id in --input_dir {args.input_dir} is >= the vocab size "
-                                         f"{config.padded_vocab_size} of --config_file {args.config_file}")
-                    yield batch
-                state.epoch += 1
+            for batch in loader.batches():  # endless; the loader owns the epoch count
+                if int(batch["input_ids"].max()) >= config.padded_vocab_size:
+                    raise ValueError(f"a token id in --input_dir {args.input_dir} is >= the vocab size "
+                                     f"{config.padded_vocab_size} of --config_file {args.config_file}")
+                state.epoch = loader.epoch
+                yield batch
 
         def save(step_state: utils.TrainState) -> None:
             if args.skip_checkpoint:
