@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +14,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from file_utils import atomic_write, load_state_dict_file, save_checkpoint
+from file_utils import PathLike, atomic_write, load_state_dict_file, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 CONFIG_NAME = "config.json"
 LEGACY_CONFIG_NAME = "bert_config.json"  # era-A name of the config file
 WEIGHTS_NAME = "pytorch_model.bin"
@@ -358,6 +356,15 @@ class BertConfig:
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
 
+    def check_fits(self, vocab_size: int, max_seq_length: int, *, config_file: PathLike, vocab_file: PathLike) -> None:
+        """Raise ValueError, naming both files, when the vocabulary or the sequence length does not fit this model."""
+        if vocab_size > self.padded_vocab_size:
+            raise ValueError(f"--vocab_file {vocab_file} holds {vocab_size} tokens but --config_file {config_file} "
+                             f"embeds only {self.padded_vocab_size} (vocab_size {self.vocab_size})")
+        if max_seq_length > self.max_position_embeddings:
+            raise ValueError(f"--max_seq_length {max_seq_length} exceeds max_position_embeddings "
+                             f"{self.max_position_embeddings} of --config_file {config_file}")
+
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {**self.extra, **values}
@@ -388,6 +395,15 @@ _BASE_ROOTS = ("embeddings.", "encoder.", "pooler.")
 _DECODER_WEIGHT = "cls.predictions.decoder.weight"  # tied to the word embeddings
 _DECODER_BIAS = "cls.predictions.decoder.bias"  # Hugging Face's alias of cls.predictions.bias
 _MLM_BIAS = "cls.predictions.bias"
+
+
+def find_weights_file(folder: PathLike) -> Path:
+    """The weights of a model folder: ``model.safetensors`` (Hugging Face) or else ``pytorch_model.bin``."""
+    candidates = [Path(folder) / SAFETENSORS_NAME, Path(folder) / WEIGHTS_NAME]
+    weights = next((p for p in candidates if p.is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"no weights in {folder}: looked for {', '.join(c.name for c in candidates)}")
+    return weights
 
 
 @dataclass
@@ -607,11 +623,7 @@ class BertPreTrainedModel(nn.Module):
             path = cached_path(str(path))
         path = Path(path)
         if path.is_dir():
-            candidates = [path / SAFETENSORS_NAME, path / WEIGHTS_NAME]
-            weights = next((p for p in candidates if p.is_file()), None)
-            if weights is None:
-                raise FileNotFoundError(f"no weights in {path}: looked for {', '.join(c.name for c in candidates)}")
-            folder = path
+            weights, folder = find_weights_file(path), path
         elif path.is_file():
             weights, folder = path, path.parent
         else:

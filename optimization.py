@@ -105,7 +105,7 @@ class Lamb(torch.optim.Optimizer):
     """NVLAMB: LAMB with global gradient-norm clipping first and bias correction, as the reference's FusedLAMB.
 
     One step, following the reference's kernels (apex `FusedLAMB` / `lamb_amp_opt`):
-      1. global L2 norm of all gradients of all groups, `gnorm` (kept in `self.last_grad_norm`, pre-clip);
+      1. global L2 norm of all gradients of all groups, `gnorm`;
       2. `clip = gnorm / max_grad_norm` if `gnorm > max_grad_norm` else 1, and `g = grad / clip`;
       3. L2 mode (`adam_w_mode=False`) only: `g += weight_decay * w`;
       4. `m = beta1 m + beta3 g` (beta3 = 1 - beta1 with grad_averaging, else 1), `v = beta2 v + (1 - beta2) g^2`;
@@ -115,8 +115,8 @@ class Lamb(torch.optim.Optimizer):
          applied only when `use_nvlamb` or the group's weight_decay != 0 (so by default the no-decay group,
          biases and LayerNorm, gets plain Adam steps: reference quirk kept on purpose).
 
-    The optimizer clips by itself (`clips_gradients = True`): the training loop must not clip again. It has
-    no loss-scale handling of its own; with fp16 use `torch.amp.GradScaler` (`scaler.unscale_(opt)` then
+    The optimizer clips by itself: the training loop measures the norm (to skip non-finite steps) but must not
+    clip again (`LoopConfig.max_grad_norm=None`). It has no loss-scale handling of its own; with fp16 use `torch.amp.GradScaler` (`scaler.unscale_(opt)` then
     `scaler.step(opt)`), which skips the whole step, state included, when a gradient is inf/NaN. Without a
     scaler a non-finite gradient is not skipped (as torch's own optimizers).
 
@@ -125,8 +125,6 @@ class Lamb(torch.optim.Optimizer):
     every parameter is on a device with multi-tensor kernels (CUDA), and the for-loop path otherwise (CPU);
     both do the same maths in the same order.
     """
-
-    clips_gradients = True
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
@@ -152,7 +150,6 @@ class Lamb(torch.optim.Optimizer):
             devices = {p.device.type for group in self.param_groups for p in group["params"]}
             foreach = FOREACH_SUPPORTED and devices <= set(_foreach_devices())
         self.foreach = foreach
-        self.last_grad_norm: torch.Tensor | None = None
 
     def _state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.state[p]
@@ -197,7 +194,6 @@ class Lamb(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError("Lamb does not support sparse gradients")
         grad_norm = self._global_grad_norm(every)
-        self.last_grad_norm = grad_norm
         if self.max_grad_norm > 0:
             clip = torch.where(grad_norm > self.max_grad_norm, grad_norm / self.max_grad_norm, 1.0)
         else:
@@ -314,10 +310,9 @@ class BertAdam(torch.optim.Optimizer):
     `max_grad_norm` on its own (`clip_grad_norm_` per tensor, not a global norm; 0 turns it off); the
     update is `m / (sqrt(v) + e) + weight_decay * w`. When `t_total != -1` the lr of the update after `step`
     updates is `lr * schedule(step / t_total, warmup)` (so the first update has lr 0 during warm-up, as the
-    reference); leave `t_total=-1` when an external scheduler drives the lr.
+    reference); leave `t_total=-1` when an external scheduler drives the lr. Kept for reference parity; the
+    scripts here use `lamb` and `adamw`.
     """
-
-    clips_gradients = True
 
     def __init__(self, params: Iterable[Any], lr: float, warmup: float = -1, t_total: int = -1,
                  schedule: str = "warmup_linear", b1: float = 0.9, b2: float = 0.999, e: float = 1e-6,
@@ -420,7 +415,7 @@ def build_optimizer(name: str, params_or_groups: Iterable[Any], lr: float, *, we
         params_or_groups: parameters, or groups as from `param_groups` (a group's own weight_decay wins).
         weight_decay: decay for groups that do not set their own.
         max_grad_norm: global-norm clip done *inside* lamb (and per tensor inside bertadam); adamw does not
-            clip (`clips_gradients = False`): the training loop clips with this value.
+            clip, so the training loop clips for it (`LoopConfig.max_grad_norm`).
         device: where the parameters live; by default the first parameter's device.
         implementation: `auto`, or one of IMPLEMENTATIONS[name]. For lamb, auto takes apex `FusedLAMB` when
             `apex_lamb_available()` and the parameters are on CUDA, else our `Lamb` (foreach when supported).
@@ -428,7 +423,6 @@ def build_optimizer(name: str, params_or_groups: Iterable[Any], lr: float, *, we
         **kw: passed on: lamb `bias_correction, grad_averaging, adam_w_mode, use_nvlamb`; bertadam
             `warmup, t_total, schedule`; adamw any other `torch.optim.AdamW` argument.
 
-    Every optimizer returned has a `clips_gradients` attribute telling the loop whether to clip.
     Raises ValueError for an unknown name or implementation, or one that this machine cannot run.
     """
     if name not in OPTIMIZERS:
@@ -451,8 +445,6 @@ def build_optimizer(name: str, params_or_groups: Iterable[Any], lr: float, *, we
 
             optimizer = FusedLAMB(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                   max_grad_norm=max_grad_norm, **kw)
-            optimizer.clips_gradients = True
-            optimizer.last_grad_norm = None  # apex does not expose its global norm
         else:
             foreach = {"auto": None, "foreach": True, "for-loop": False}[implementation]
             optimizer = Lamb(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -466,7 +458,6 @@ def build_optimizer(name: str, params_or_groups: Iterable[Any], lr: float, *, we
                   "default": {}}[implementation]
         optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       **choice, **kw)
-        optimizer.clips_gradients = False
     else:
         optimizer = BertAdam(params, lr=lr, b1=betas[0], b2=betas[1], e=eps, weight_decay=weight_decay,
                              max_grad_norm=max_grad_norm, **kw)

@@ -4,12 +4,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -18,14 +17,14 @@ import torch.nn.functional as F
 import utils
 from data.glue import PROCESSORS, DataProcessor, GlueDataError, compute_metrics, convert_examples_to_features, \
     features_to_tensors, get_processor
-from file_utils import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, sha256sum
+from file_utils import atomic_write, sha256sum
 from modeling import IGNORE_INDEX, BertConfig, BertForSequenceClassification
 from optimization import FINETUNING_NO_DECAY, build_optimizer, param_groups
 from schedulers import LinearWarmUpScheduler
 from tokenization import BertTokenizer
 
 Batch = dict[str, torch.Tensor]
-CACHE_FORMAT = 1  # bump when the cached tensors change meaning
+CACHE_FORMAT = 2  # bump when the cached tensors change meaning
 
 
 def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -108,10 +107,6 @@ def check_arguments(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError(f"--max_seq_length must be >= 3 ([CLS] A [SEP] B [SEP] needs room), got {args.max_seq_length}")
     if args.log_freq < 1:
         raise ValueError(f"--log_freq must be >= 1, got {args.log_freq}")
-    if args.loss_scale < 0:
-        raise ValueError(f"--loss_scale must be >= 0, got {args.loss_scale}")
-    if args.loss_scale > 0 and not args.fp16:
-        raise ValueError("--loss_scale only applies with --fp16/--amp (bf16 and fp32 need no loss scaling)")
     if not Path(args.data_dir).is_dir():
         raise FileNotFoundError(f"--data_dir {args.data_dir} is not a folder")
     for flag in ("vocab_file", "config_file"):
@@ -124,12 +119,7 @@ def check_arguments(args: argparse.Namespace, world_size: int) -> None:
 def build_config(args: argparse.Namespace, tokenizer: BertTokenizer) -> BertConfig:
     """Read the model config and check it can embed every token id and position the features will hold."""
     config = BertConfig.from_json_file(args.config_file)
-    if len(tokenizer) > config.padded_vocab_size:
-        raise ValueError(f"--config_file {args.config_file} has vocab_size {config.vocab_size} but --vocab_file "
-                         f"{args.vocab_file} holds {len(tokenizer)} tokens")
-    if args.max_seq_length > config.max_position_embeddings:
-        raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds max_position_embeddings "
-                         f"{config.max_position_embeddings} of {args.config_file}")
+    config.check_fits(len(tokenizer), args.max_seq_length, config_file=args.config_file, vocab_file=args.vocab_file)
     return config
 
 
@@ -139,44 +129,34 @@ def build_config(args: argparse.Namespace, tokenizer: BertTokenizer) -> BertConf
 
 
 def load_features(args: argparse.Namespace, processor: DataProcessor, tokenizer: BertTokenizer, split: str,
-                  env: utils.RunEnv) -> tuple[Batch, list[str]]:
+                  run_env: utils.RunEnv) -> tuple[Batch, list[str]]:
     """Tokenized tensors of one split (see ``features_to_tensors``) and the guid of each row.
 
     The cache file (``<bert_model>_<max_seq_length>_<do_lower_case>_<task>_<split>.pt``, the reference's name
-    plus task and split) holds only tensors and strings, loaded with ``weights_only=True``. It is used only when
-    its key, a hash of the source file, the vocabulary and the conversion settings, matches: a changed vocab or
-    data file can never be served stale features. Only the main process writes it; failing to write (a read-only
-    data folder) is reported and otherwise ignored.
+    plus task and split, in --features_cache_dir or --data_dir) is used only when its key, a hash of the source
+    file, the vocabulary and the conversion settings, matches (``utils.cached_features``): a changed vocab or data
+    file is never served stale features.
     """
     source = Path(args.data_dir) / {"train": processor.train_file, "dev": processor.dev_file,
                                     "test": processor.test_file}[split]
-    cache = None
+    path, key = None, ""
     if not args.skip_features_cache and source.is_file():
         name = f"{Path(args.bert_model.rstrip('/')).name}_{args.max_seq_length}_{args.do_lower_case}_" \
                f"{processor.task_name}_{split}.pt"
-        cache = Path(args.features_cache_dir or args.data_dir) / name
+        path = Path(args.features_cache_dir or args.data_dir) / name
         key = hashlib.sha256(json.dumps([CACHE_FORMAT, sha256sum(source), sha256sum(args.vocab_file),
                                          args.max_seq_length, args.do_lower_case, processor.task_name,
                                          split]).encode()).hexdigest()
-        if cache.is_file():
-            try:
-                stored = load_checkpoint(cache)
-                if isinstance(stored, dict) and stored.get("key") == key:
-                    return stored["tensors"], list(stored["guids"])
-            except CheckpointError as exc:
-                print(f"run_glue.py: ignoring unreadable features cache: {exc}", file=sys.stderr)
-    examples = processor.get_examples(args.data_dir, split)
-    if not examples:
-        raise GlueDataError(f"{source}: holds no examples")
-    features, _ = convert_examples_to_features(examples, processor.get_labels(), args.max_seq_length, tokenizer)
-    tensors = features_to_tensors(features)
-    guids = [ex.guid for ex in examples]
-    if cache is not None and env.is_main:
-        try:
-            save_checkpoint({"key": key, "tensors": tensors, "guids": guids}, cache)
-        except OSError as exc:
-            print(f"run_glue.py: could not write the features cache {cache}: {exc}", file=sys.stderr)
-    return tensors, guids
+
+    def build() -> dict[str, Any]:
+        examples = processor.get_examples(args.data_dir, split)
+        if not examples:
+            raise GlueDataError(f"{source}: holds no examples")
+        features, _ = convert_examples_to_features(examples, processor.get_labels(), args.max_seq_length, tokenizer)
+        return {"tensors": features_to_tensors(features), "guids": [ex.guid for ex in examples]}
+
+    cached = utils.cached_features(path, key, build, run_env)
+    return cached["tensors"], list(cached["guids"])
 
 
 def trim_padding(batch: Batch) -> Batch:
@@ -189,76 +169,56 @@ def trim_padding(batch: Batch) -> Batch:
     return {k: v[:, :length] if v.dim() == 2 else v for k, v in batch.items()}
 
 
-def micro_batches_per_epoch(num_examples: int, micro_batch: int, world_size: int) -> int:
-    """Micro-batches each rank runs per pass over the data (the last one may be smaller)."""
-    return math.ceil(math.ceil(num_examples / world_size) / micro_batch)
+def train_batches(tensors: Batch, micro_batch: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> utils.ShuffledBatches:
+    """Endless shuffled micro-batches of this rank's share, each trimmed to its longest row."""
+    return utils.ShuffledBatches(tensors["input_ids"].shape[0], micro_batch, seed,
+                                 lambda index: trim_padding({k: v[index] for k, v in tensors.items()}), rank,
+                                 world_size)
 
 
-def train_batches(tensors: Batch, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1,
-                  state: Optional[utils.TrainState] = None) -> Iterator[Batch]:
-    """Endless shuffled micro-batches of this rank's share (``utils.shuffled_batches``), each trimmed to its
-    longest row; the caller stops after its number of steps."""
-    env = utils.RunEnv(rank=rank, world_size=world_size)
-    return utils.shuffled_batches(tensors["input_ids"].shape[0], micro_batch, seed, env,
-                                  lambda index: trim_padding({k: v[index] for k, v in tensors.items()}), state)
-
-
-def make_loss_fn(regression: bool, running: list[torch.Tensor]) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
-    """Cross-entropy (labels of -1 ignored) or, for regression, mean squared error, of one micro-batch.
-
-    Each loss is also added, without a device sync, to ``running[0]`` so the mean training loss can be reported.
-    """
+def make_loss_fn(regression: bool) -> utils.LossFn:
+    """Cross-entropy (labels of -1 ignored) or, for regression, mean squared error, of one micro-batch."""
     def loss_fn(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).float()
         if regression:
-            loss = F.mse_loss(logits.squeeze(-1), batch["labels"].float())
-        else:
-            loss = F.cross_entropy(logits, batch["labels"], ignore_index=IGNORE_INDEX)
-        running[0] = running[0] + loss.detach()
-        return loss
+            return F.mse_loss(logits.squeeze(-1), batch["labels"].float())
+        return F.cross_entropy(logits, batch["labels"], ignore_index=IGNORE_INDEX)
 
     return loss_fn
 
 
-def train(args: argparse.Namespace, model: BertForSequenceClassification, tensors: Batch, env: utils.RunEnv,
-          precision: utils.Precision, regression: bool, logger: Any) -> dict[str, Any]:
+def train(args: argparse.Namespace, model: BertForSequenceClassification, config: BertConfig, tensors: Batch,
+          run: utils.Run, regression: bool) -> dict[str, Any]:
     """Fine-tune with AdamW and linear warm-up/decay through ``utils.train_loop``; returns the train:* results."""
     micro_batch = args.train_batch_size // args.gradient_accumulation_steps
     num_examples = tensors["input_ids"].shape[0]
-    per_epoch = micro_batches_per_epoch(num_examples, micro_batch, env.world_size)
-    if args.max_steps > 0:
-        total_steps = args.max_steps
-    else:
-        total_steps = max(1, int(args.num_train_epochs * per_epoch) // args.gradient_accumulation_steps)
+    total_steps = args.max_steps if args.max_steps > 0 else utils.steps_per_epochs(
+        num_examples, micro_batch, run.world_size, args.gradient_accumulation_steps, args.num_train_epochs)
     optimizer = build_optimizer("adamw", param_groups(model, weight_decay=0.01, no_decay=FINETUNING_NO_DECAY),
-                                lr=args.learning_rate, eps=1e-6, device=env.device)
-    scheduler = LinearWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=total_steps)
-    scaler = utils.make_grad_scaler(precision, env.device, init_scale=args.loss_scale or 2.0**16,
-                                    static=args.loss_scale > 0)
-    wrapped = utils.wrap_model(model, env)
+                                lr=args.learning_rate, eps=1e-6, device=run.device)
+    parts = utils.TrainParts(
+        utils.wrap_model(model, run.env), make_loss_fn(regression), optimizer,
+        LinearWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=total_steps),
+        run.grad_scaler(args), flops_per_batch=lambda b: b["input_ids"].shape[0] * utils.bert_flops_per_sequence(
+            config, b["input_ids"].shape[1], masked_tokens=0))
+    run.dllog.log(step="PARAMETER", data={"train:num_examples": num_examples, "train:total_steps": total_steps,
+                                          "batch_size_per_gpu": args.train_batch_size})
     state = utils.TrainState()
-    running = [torch.zeros((), device=env.device)]
-    logger.log(step="PARAMETER", data={"train:num_examples": num_examples, "train:total_steps": total_steps,
-                                       "batch_size_per_gpu": args.train_batch_size})
     start = time.perf_counter()
     # No clipping in the reference is a defect (its GLUE GradientClipper is never called); clip at 1.0 as BERT does.
-    result = utils.train_loop(
-        wrapped, train_batches(tensors, micro_batch, args.seed, env.rank, env.world_size, state),
-        make_loss_fn(regression, running), optimizer, scheduler, scaler, env=env, precision=precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, max_steps=total_steps, max_grad_norm=1.0,
-        state=state, log_freq=args.log_freq, logger=logger, progress=not args.disable_progress_bar)
-    if env.device.type == "cuda":
-        torch.cuda.synchronize(env.device)
+    result = utils.train_loop(run, parts, train_batches(tensors, micro_batch, args.seed, run.env.rank, run.world_size),
+                              utils.LoopConfig.from_args(args, max_steps=total_steps, max_grad_norm=1.0), state)
+    run.synchronize()
     latency = time.perf_counter() - start
-    micro_steps = max(result.steps * args.gradient_accumulation_steps, 1)
-    samples_per_gpu = state.sequences // env.world_size
+    samples_per_gpu = state.sequences // run.world_size
     return {
         "global_step": state.step,
-        "train:loss": running[0].item() / micro_steps,
+        "train:loss": result.mean_loss,
         "train:latency": latency,
         "train:num_samples_per_gpu": samples_per_gpu,
         "train:num_steps": state.step,
-        "train:throughput": env.world_size * samples_per_gpu / latency,
+        "train:throughput": run.world_size * samples_per_gpu / latency,
     }
 
 
@@ -268,8 +228,8 @@ def train(args: argparse.Namespace, model: BertForSequenceClassification, tensor
 
 
 @torch.no_grad()
-def infer(model: BertForSequenceClassification, tensors: Batch, args: argparse.Namespace, env: utils.RunEnv,
-          precision: utils.Precision) -> tuple[np.ndarray, list[float]]:
+def infer(model: BertForSequenceClassification, tensors: Batch, args: argparse.Namespace,
+          run: utils.Run) -> tuple[np.ndarray, list[float]]:
     """Logits ``[N, num_labels]`` (fp32, in input order) and the latency of each batch in ms.
 
     Examples are batched in order of length so that little padding is computed; the logits are put back in
@@ -285,8 +245,8 @@ def infer(model: BertForSequenceClassification, tensors: Batch, args: argparse.N
     for start in utils.progress_bar(starts, disable=args.disable_progress_bar, desc="infer"):
         index = order[start:start + args.eval_batch_size]
         tic = time.perf_counter()
-        batch = utils.move_to_device(trim_padding({k: v[index] for k, v in inputs.items()}), env.device)
-        with utils.autocast(precision, env.device):
+        batch = utils.move_to_device(trim_padding({k: v[index] for k, v in inputs.items()}), run.device)
+        with run.autocast():
             out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
         logits[index] = out.float().cpu()
         latencies.append((time.perf_counter() - tic) * 1000.0)
@@ -303,10 +263,10 @@ def latency_results(latencies: list[float], num_samples: int) -> dict[str, float
     return results
 
 
-def evaluate(model: BertForSequenceClassification, tensors: Batch, args: argparse.Namespace, env: utils.RunEnv,
-             precision: utils.Precision, regression: bool) -> dict[str, Any]:
+def evaluate(model: BertForSequenceClassification, tensors: Batch, args: argparse.Namespace, run: utils.Run,
+             regression: bool) -> dict[str, Any]:
     """Dev-set loss, the task's metrics (data/glue.py) and the inference timing."""
-    logits, latencies = infer(model, tensors, args, env, precision)
+    logits, latencies = infer(model, tensors, args, run)
     labels = tensors["labels"]
     logits_t = torch.from_numpy(logits)
     if regression:
@@ -322,9 +282,9 @@ def evaluate(model: BertForSequenceClassification, tensors: Batch, args: argpars
 
 
 def predict(model: BertForSequenceClassification, tensors: Batch, guids: list[str], label_list: list[str],
-            args: argparse.Namespace, env: utils.RunEnv, precision: utils.Precision) -> tuple[dict[str, str], list[float]]:
+            args: argparse.Namespace, run: utils.Run) -> tuple[dict[str, str], list[float]]:
     """guid -> predicted label string (a score, as text, for regression), and the batch latencies."""
-    logits, latencies = infer(model, tensors, args, env, precision)
+    logits, latencies = infer(model, tensors, args, run)
     if label_list:
         labels = [label_list[i] for i in logits.argmax(axis=1)]
     else:
@@ -356,52 +316,44 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def run(args: argparse.Namespace, env: utils.RunEnv, logger: Any) -> dict[str, Any]:
-    """Do what the --do_* flags ask and return the results dict (also written to results.txt).
-
-    ``check_arguments`` must have passed.
-    """
-    precision = utils.resolve_precision(args.fp16, args.bf16, env.device)
+def execute(args: argparse.Namespace, run: utils.Run) -> dict[str, Any]:
+    """Do what the --do_* flags ask and return the results dict (also written to results.txt)."""
     processor = get_processor(args.task_name)
     tokenizer = BertTokenizer(args.vocab_file, do_lower_case=args.do_lower_case)
     config = build_config(args, tokenizer)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    utils.set_seed(args.seed, env.rank)
-    utils.log_config(logger, args)
     for metric, unit in (("e2e_train_time", "s"), ("training_sequences_per_second", "sequences/s"),
                          ("e2e_inference_time", "s"), ("inference_sequences_per_second", "sequences/s")):
-        logger.metadata(metric, {"unit": unit})
+        run.dllog.metadata(metric, {"unit": unit})
 
     # Read every split first: a malformed file fails the run before any training time is spent.
     splits = (["train"] if args.do_train else []) + (["dev"] if args.do_eval else []) \
         + ([args.predict_split] if args.do_predict else [])
-    data = {split: load_features(args, processor, tokenizer, split, env) for split in dict.fromkeys(splits)}
+    data = {split: load_features(args, processor, tokenizer, split, run.env) for split in dict.fromkeys(splits)}
     regression = processor.is_regression
 
     model = BertForSequenceClassification.from_pretrained(args.init_checkpoint, config=config,
                                                           num_labels=processor.num_labels)
-    model.to(env.device)
-    logger.log(step="PARAMETER", data={"SEED": args.seed, "num_parameters": sum(p.numel() for p in model.parameters()),
-                                       "precision": precision, "world_size": env.world_size,
-                                       "device": str(env.device), "init_checkpoint_load": str(model.load_report)})
+    model.to(run.device)
+    run.dllog.log(step="PARAMETER", data={"num_parameters": sum(p.numel() for p in model.parameters()),
+                                          "init_checkpoint_load": str(model.load_report)})
     results: dict[str, Any] = {}
     if args.do_train:
-        results.update(train(args, model, data["train"][0], env, precision, regression, logger))
-        if env.is_main and not args.skip_checkpoint:
-            model.save_pretrained(output_dir)
-    if env.is_main:
+        results.update(train(args, model, config, data["train"][0], run, regression))
+        utils.save_finetuned(run, model, output_dir, skip=args.skip_checkpoint)
+    if run.is_main:
         if args.do_eval:
-            results.update(evaluate(model, data["dev"][0], args, env, precision, regression))
+            results.update(evaluate(model, data["dev"][0], args, run, regression))
         if args.do_predict:
             tensors, guids = data[args.predict_split]
-            predictions, latencies = predict(model, tensors, guids, processor.get_labels(), args, env, precision)
+            predictions, latencies = predict(model, tensors, guids, processor.get_labels(), args, run)
             write_json(output_dir / "predictions.json", predictions)
             results["predict:num_samples"] = len(predictions)
             if not args.do_eval:
                 results.update(latency_results(latencies, len(predictions)))
         write_json(output_dir / "results.txt", dict(sorted(results.items())))
-        logger.log(step=tuple(), data=summarize(results))
+        run.dllog.log(step=tuple(), data=summarize(results))
     utils.barrier()
     return results
 
@@ -409,23 +361,8 @@ def run(args: argparse.Namespace, env: utils.RunEnv, logger: Any) -> dict[str, A
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: bad flags, files or checkpoints end the run with a message and exit status 1."""
     args = parse_arguments(argv)
-    if args.local_rank >= 0 and "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
-    env = utils.setup_distributed(no_cuda=args.no_cuda)
-    logger = None
-    try:
-        check_arguments(args, env.world_size)
-        json_summary = args.json_summary or str(Path(args.output_dir) / "dllogger.json")
-        logger = utils.setup_logger(json_summary if env.is_main else None, enabled=env.is_main)
-        run(args, env, logger)
-        return 0
-    except (ValueError, OSError, KeyError, GlueDataError, CheckpointError, utils.NonFiniteLossError) as exc:
-        print(f"run_glue.py: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if logger is not None:
-            logger.flush()
-        utils.cleanup_distributed()
+    return utils.run_job("run_glue.py", args, check_arguments, lambda run: execute(args, run),
+                         json_summary=args.json_summary or str(Path(args.output_dir) / "dllogger.json"))
 
 
 if __name__ == "__main__":

@@ -3,28 +3,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 import utils
 from data import squad
-from file_utils import CheckpointError, load_checkpoint, save_checkpoint, sha256sum
+from file_utils import CheckpointError, sha256sum
 from modeling import BertConfig, BertForQuestionAnswering
 from optimization import FINETUNING_NO_DECAY, build_optimizer, param_groups
 from schedulers import LinearWarmUpScheduler
 from tokenization import BertTokenizer
 
-CACHE_FORMAT = "run_squad train features v1"
-log = logging.getLogger("run_squad")
+CACHE_FORMAT = "run_squad train features v2"
 
 
 class EvalScriptError(RuntimeError):
@@ -121,10 +118,6 @@ def check_arguments(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("--do_eval scores the predictions of --do_predict; set --do_predict too")
     if args.eval_script and not args.do_eval:
         raise ValueError("--eval_script runs with --do_eval; set --do_eval (and --do_predict)")
-    if args.loss_scale and not args.fp16:
-        raise ValueError("--loss_scale applies to --fp16 loss scaling only")
-    if args.loss_scale < 0:
-        raise ValueError(f"--loss_scale must be >= 0, got {args.loss_scale}")
     utils.check_batch_arithmetic(args.train_batch_size, args.gradient_accumulation_steps, world_size)
     positive = {"--predict_batch_size": args.predict_batch_size, "--doc_stride": args.doc_stride,
                 "--max_query_length": args.max_query_length, "--n_best_size": args.n_best_size,
@@ -153,22 +146,18 @@ def check_arguments(args: argparse.Namespace, world_size: int) -> None:
 def build_config(args: argparse.Namespace, tokenizer: BertTokenizer) -> BertConfig:
     """Read the model config and check the vocabulary and the window length fit the model."""
     config = BertConfig.from_json_file(args.config_file)
-    if len(tokenizer.vocab) > config.padded_vocab_size:
-        raise ValueError(f"--vocab_file {args.vocab_file} holds {len(tokenizer.vocab)} tokens but --config_file "
-                         f"{args.config_file} embeds only {config.padded_vocab_size}")
-    if args.max_seq_length > config.max_position_embeddings:
-        raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds max_position_embeddings "
-                         f"{config.max_position_embeddings} of --config_file {args.config_file}")
+    config.check_fits(len(tokenizer.vocab), args.max_seq_length, config_file=args.config_file,
+                      vocab_file=args.vocab_file)
     return config
 
 
-def load_model(args: argparse.Namespace, config: BertConfig, logger: Any) -> BertForQuestionAnswering:
+def load_model(args: argparse.Namespace, config: BertConfig, dllog: Any) -> BertForQuestionAnswering:
     """Build the QA model from --init_checkpoint (any format ``from_pretrained`` reads) and the given config.
 
     Loading maps names explicitly and fails on shape mismatches. Predicting without training needs a fine-tuned
     QA checkpoint: a missing ``qa_outputs`` head would answer at random, so that is an error.
     """
-    logger.log(step="PARAMETER", data={"loading_checkpoint": True})
+    dllog.log(step="PARAMETER", data={"loading_checkpoint": True})
     try:
         model = BertForQuestionAnswering.from_pretrained(args.init_checkpoint, config=config)
     except (ValueError, KeyError) as exc:
@@ -178,8 +167,8 @@ def load_model(args: argparse.Namespace, config: BertConfig, logger: Any) -> Ber
     if missing_head and not args.do_train:
         raise CheckpointError(f"--init_checkpoint {args.init_checkpoint} has no question-answering head "
                               f"({', '.join(missing_head)} missing): fine-tune it with --do_train first")
-    logger.log(step="PARAMETER", data={"loaded_checkpoint": True,
-                                       "model_weights_num": sum(p.numel() for p in model.parameters())})
+    dllog.log(step="PARAMETER", data={"loaded_checkpoint": True,
+                                      "model_weights_num": sum(p.numel() for p in model.parameters())})
     return model
 
 
@@ -201,75 +190,40 @@ def qa_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, start_position
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def cache_path(args: argparse.Namespace) -> Path:
+def cache_path(args: argparse.Namespace) -> Optional[Path]:
     """The reference's cache name ``<train_file>_<bert_model>_<max_seq>_<stride>_<max_query>``, plus ``.pt``
-    (tensors, not a pickle), in --cache_dir or beside --train_file."""
+    (tensors, not a pickle), in --cache_dir or beside --train_file; None with --skip_cache."""
+    if args.skip_cache:
+        return None
     train_file = Path(args.train_file)
     folder = Path(args.cache_dir) if args.cache_dir else train_file.parent
     model = args.bert_model.replace("/", "_").replace(os.sep, "_")
     return folder / f"{train_file.name}_{model}_{args.max_seq_length}_{args.doc_stride}_{args.max_query_length}.pt"
 
 
-def cache_key(args: argparse.Namespace) -> dict[str, Any]:
+def cache_key(args: argparse.Namespace) -> str:
     """Everything the cached features depend on; a cache with another key is rebuilt, not reused."""
-    return {"format": CACHE_FORMAT, "train_file_sha256": sha256sum(args.train_file),
-            "vocab_sha256": sha256sum(args.vocab_file), "do_lower_case": args.do_lower_case,
-            "version_2_with_negative": args.version_2_with_negative, "max_seq_length": args.max_seq_length,
-            "doc_stride": args.doc_stride, "max_query_length": args.max_query_length}
+    return json.dumps({"format": CACHE_FORMAT, "train_file_sha256": sha256sum(args.train_file),
+                       "vocab_sha256": sha256sum(args.vocab_file), "do_lower_case": args.do_lower_case,
+                       "version_2_with_negative": args.version_2_with_negative,
+                       "max_seq_length": args.max_seq_length, "doc_stride": args.doc_stride,
+                       "max_query_length": args.max_query_length}, sort_keys=True)
 
 
-def build_train_features(args: argparse.Namespace, tokenizer: BertTokenizer) -> tuple[dict[str, torch.Tensor], int]:
-    """Read --train_file and make packed training features; returns (tensors, number of examples)."""
+def build_train_features(args: argparse.Namespace, tokenizer: BertTokenizer) -> dict[str, Any]:
+    """Read --train_file and make packed training features: ``{"tensors": ..., "num_examples": ...}``."""
     examples, _ = squad.read_squad_examples(args.train_file, is_training=True,
                                             version_2_with_negative=args.version_2_with_negative)
     features = squad.convert_examples_to_features(examples, tokenizer, args.max_seq_length, args.doc_stride,
                                                   args.max_query_length, is_training=True)
     if not features:
         raise ValueError(f"--train_file {args.train_file} gave no training features")
-    return squad.features_to_tensors(features, args.max_seq_length), len(examples)
+    return {"tensors": squad.features_to_tensors(features, args.max_seq_length), "num_examples": len(examples)}
 
 
-def load_train_features(args: argparse.Namespace, tokenizer: BertTokenizer, env: utils.RunEnv,
-                        logger: Any) -> tuple[dict[str, torch.Tensor], int]:
-    """Training features from the cache when it matches this run, else built (and cached by rank 0).
-
-    The cache holds tensors and a JSON key, written atomically with ``torch.save`` and read with
-    ``weights_only=True`` (the reference pickles Python objects, which can run code when loaded). Rank 0 reads or
-    builds it first; the other ranks read it after a barrier.
-    """
-    if args.skip_cache:
-        return build_train_features(args, tokenizer)
-    path = cache_path(args)
-    key = json.dumps(cache_key(args), sort_keys=True)
-    logger.log(step="PARAMETER", data={"Cached_train features_file": str(path)})
-
-    def read() -> Optional[tuple[dict[str, torch.Tensor], int]]:
-        if not path.is_file():
-            return None
-        try:
-            cached = load_checkpoint(path)
-        except CheckpointError as exc:
-            log.warning("ignoring unreadable features cache: %s", exc)
-            return None
-        if not isinstance(cached, dict) or cached.get("key") != key:
-            log.warning("features cache %s was made with other settings or files; rebuilding it", path)
-            return None
-        return cached["features"], int(cached["num_examples"])
-
-    found = read() if env.is_main else None
-    if env.is_main and found is None:
-        found = build_train_features(args, tokenizer)
-        save_checkpoint({"key": key, "features": found[0], "num_examples": found[1]}, path)
-    utils.barrier()
-    if not env.is_main:
-        found = read() or build_train_features(args, tokenizer)
-    return found
-
-
-def train_batches(tensors: dict[str, torch.Tensor], micro_batch: int, env: utils.RunEnv, seed: int,
-                  state: utils.TrainState) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled micro-batches of this rank's share of the features (``utils.shuffled_batches``), each cut
-    to its longest row."""
+def train_batches(tensors: dict[str, torch.Tensor], micro_batch: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> utils.ShuffledBatches:
+    """Endless shuffled micro-batches of this rank's share of the features, each cut to its longest row."""
     def make_batch(rows: torch.Tensor) -> dict[str, torch.Tensor]:
         batch = squad.model_inputs(tensors["input_ids"][rows], tensors["seq_lengths"][rows],
                                    tensors["doc_offsets"][rows])
@@ -277,59 +231,52 @@ def train_batches(tensors: dict[str, torch.Tensor], micro_batch: int, env: utils
         batch["end_positions"] = tensors["end_positions"][rows]
         return batch
 
-    return utils.shuffled_batches(len(tensors["seq_lengths"]), micro_batch, seed, env, make_batch, state)
+    return utils.ShuffledBatches(len(tensors["seq_lengths"]), micro_batch, seed, make_batch, rank, world_size)
 
 
 def train(args: argparse.Namespace, model: BertForQuestionAnswering, tokenizer: BertTokenizer, config: BertConfig,
-          env: utils.RunEnv, precision: utils.Precision, logger: Any) -> dict[str, float]:
+          run: utils.Run) -> dict[str, float]:
     """Fine-tune with AdamW, linear warm-up/decay and global-norm clipping through ``utils.train_loop``.
 
     Returns the summary figures (e2e_train_time, training_sequences_per_second, final_loss)."""
-    tensors, num_examples = load_train_features(args, tokenizer, env, logger)
+    path = cache_path(args)
+    run.dllog.log(step="PARAMETER", data={"Cached_train features_file": str(path)})
+    cached = utils.cached_features(path, cache_key(args), lambda: build_train_features(args, tokenizer), run.env)
+    tensors, num_examples = cached["tensors"], int(cached["num_examples"])
     num_features = len(tensors["seq_lengths"])
     micro_batch = args.train_batch_size // args.gradient_accumulation_steps
-    micro_batches_per_epoch = math.ceil(math.ceil(num_features / env.world_size) / micro_batch)
     # The schedule length counts features (windows), which is what the model trains on. The reference counts
     # examples (questions), so its lr reached zero before the last ~3% of each epoch's features on SQuAD v1.1.
-    num_train_optimization_steps = max(
-        1, int(micro_batches_per_epoch * args.num_train_epochs) // args.gradient_accumulation_steps)
-    max_steps = num_train_optimization_steps if args.max_steps <= 0 else min(args.max_steps,
-                                                                              num_train_optimization_steps)
-    logger.log(step="PARAMETER", data={"train_start": True, "training_samples": num_examples,
-                                       "training_features": num_features, "train_batch_size": args.train_batch_size,
-                                       "steps": num_train_optimization_steps, "max_steps": max_steps})
+    total_steps = utils.steps_per_epochs(num_features, micro_batch, run.world_size,
+                                         args.gradient_accumulation_steps, args.num_train_epochs)
+    max_steps = total_steps if args.max_steps <= 0 else min(args.max_steps, total_steps)
+    run.dllog.log(step="PARAMETER", data={"train_start": True, "training_samples": num_examples,
+                                          "training_features": num_features,
+                                          "train_batch_size": args.train_batch_size, "steps": total_steps,
+                                          "max_steps": max_steps})
 
     # The pooler gets no gradient from the QA loss; BertForQuestionAnswering freezes it (so DDP doesn't wait for
     # it) and it stays out of the optimizer, as in the reference.
-    model.to(env.device)
+    model.to(run.device)
     optimizer = build_optimizer("adamw", param_groups(model, weight_decay=0.01, no_decay=FINETUNING_NO_DECAY,
                                                       drop_pooler=True),
-                                lr=args.learning_rate, device=env.device)
-    scheduler = LinearWarmUpScheduler(optimizer, warmup=args.warmup_proportion,
-                                      total_steps=num_train_optimization_steps)
-    scaler = utils.make_grad_scaler(precision, env.device, init_scale=args.loss_scale or 2.0**16,
-                                    static=args.loss_scale > 0)
-    wrapped = utils.wrap_model(model, env)
+                                lr=args.learning_rate, device=run.device)
 
     def loss_fn(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         start_logits, end_logits = net(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
         return qa_loss(start_logits, end_logits, batch["start_positions"], batch["end_positions"])
 
-    state = utils.TrainState()
-    wall_start = time.perf_counter()
-    result = utils.train_loop(
-        wrapped, train_batches(tensors, micro_batch, env, args.seed, state), loss_fn, optimizer, scheduler, scaler,
-        env=env, precision=precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_steps=max_steps, max_grad_norm=1.0, state=state, log_freq=args.log_freq, logger=logger,
-        progress=not args.disable_progress_bar,
-        flops_per_batch=lambda b: b["input_ids"].shape[0] * utils.bert_flops_per_sequence(
+    parts = utils.TrainParts(
+        utils.wrap_model(model, run.env), loss_fn, optimizer,
+        LinearWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=total_steps),
+        run.grad_scaler(args), flops_per_batch=lambda b: b["input_ids"].shape[0] * utils.bert_flops_per_sequence(
             config, b["input_ids"].shape[1], masked_tokens=0))
-    e2e_train_time = time.perf_counter() - wall_start
-    if env.is_main and not args.skip_checkpoint:
-        model.save_pretrained(args.output_dir)
-    utils.barrier()
-    return {"e2e_train_time": e2e_train_time, "training_sequences_per_second": result.sequences_per_second,
-            "final_loss": result.final_loss}
+    wall_start = time.perf_counter()
+    result = utils.train_loop(run, parts, train_batches(tensors, micro_batch, args.seed, run.env.rank,
+                                                        run.world_size),
+                              utils.LoopConfig.from_args(args, max_steps=max_steps, max_grad_norm=1.0))
+    return {"e2e_train_time": time.perf_counter() - wall_start,
+            "training_sequences_per_second": result.sequences_per_second, "final_loss": result.final_loss}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,7 +285,7 @@ def train(args: argparse.Namespace, model: BertForQuestionAnswering, tokenizer: 
 
 
 def predict(args: argparse.Namespace, model: BertForQuestionAnswering, tokenizer: BertTokenizer,
-            env: utils.RunEnv, precision: utils.Precision, logger: Any) -> dict[str, float]:
+            run: utils.Run) -> dict[str, float]:
     """Predict answers for --predict_file, write the prediction files and (with --do_eval) score them.
 
     Returns the summary figures (e2e_inference_time, inference_sequences_per_second, and with --do_eval
@@ -348,17 +295,16 @@ def predict(args: argparse.Namespace, model: BertForQuestionAnswering, tokenizer
     features = squad.convert_examples_to_features(examples, tokenizer, args.max_seq_length, args.doc_stride,
                                                   args.max_query_length, is_training=False)
     tensors = squad.features_to_tensors(features, args.max_seq_length)
-    logger.log(step="PARAMETER", data={"infer_start": True, "eval_samples": len(examples),
-                                       "eval_features": len(features), "predict_batch_size": args.predict_batch_size})
-    model.to(env.device)
-    if env.device.type == "cuda":
-        torch.cuda.synchronize(env.device)
+    run.dllog.log(step="PARAMETER", data={"infer_start": True, "eval_samples": len(examples),
+                                          "eval_features": len(features),
+                                          "predict_batch_size": args.predict_batch_size})
+    model.to(run.device)
+    run.synchronize()
     start = time.perf_counter()
     start_logits, end_logits = squad.predict_logits(
-        model, tensors, args.predict_batch_size, env.device, lambda: utils.autocast(precision, env.device),
+        model, tensors, args.predict_batch_size, run.device, run.autocast,
         progress=lambda batches: utils.progress_bar(batches, disable=args.disable_progress_bar, desc="predict"))
-    if env.device.type == "cuda":
-        torch.cuda.synchronize(env.device)
+    run.synchronize()
     inference_time = time.perf_counter() - start
     predictions = squad.compute_predictions(
         examples, features, start_logits, end_logits, tokenizer, n_best_size=args.n_best_size,
@@ -369,7 +315,7 @@ def predict(args: argparse.Namespace, model: BertForQuestionAnswering, tokenizer
     summary: dict[str, float] = {"e2e_inference_time": inference_time,
                                  "inference_sequences_per_second": len(features) / max(inference_time, 1e-9)}
     if args.do_eval:
-        logger.log(step="PARAMETER", data={"eval_start": True})
+        run.dllog.log(step="PARAMETER", data={"eval_start": True})
         dataset = squad.load_squad_json(args.predict_file)
         try:
             metrics = squad.evaluate(dataset, predictions.answers, args.version_2_with_negative,
@@ -400,43 +346,31 @@ def run_eval_script(args: argparse.Namespace, files: dict[str, Path]) -> dict[st
     return {f"eval_script_{k}": v for k, v in output.items() if isinstance(v, (int, float))}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_arguments(argv)
-    if args.local_rank >= 0 and "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    env = utils.setup_distributed(no_cuda=args.no_cuda)
-    logger = utils.setup_logger(args.json_summary if env.is_main else None, enabled=env.is_main)
+def execute(args: argparse.Namespace, run: utils.Run) -> None:
+    """Train and/or predict as the --do_* flags ask, then log the summary."""
     for metric, unit in (("e2e_train_time", "s"), ("training_sequences_per_second", "sequences/s"),
                          ("final_loss", None), ("e2e_inference_time", "s"),
                          ("inference_sequences_per_second", "sequences/s"), ("exact_match", None), ("F1", None)):
-        logger.metadata(metric, {"unit": unit})
-    try:
-        check_arguments(args, env.world_size)
-        precision = utils.resolve_precision(args.fp16, args.bf16, env.device)
-        tokenizer = BertTokenizer(args.vocab_file, do_lower_case=args.do_lower_case)
-        config = build_config(args, tokenizer)
-        utils.set_seed(args.seed, env.rank)
-        utils.log_config(logger, args)
-        logger.log(step="PARAMETER", data={"SEED": args.seed, "precision": precision,
-                                           "world_size": env.world_size, "device": str(env.device)})
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        model = load_model(args, config, logger)
-        summary: dict[str, float] = {}
-        if args.do_train:
-            summary.update(train(args, model, tokenizer, config, env, precision, logger))
-        if args.do_predict:
-            if env.is_main:
-                summary.update(predict(args, model, tokenizer, env, precision, logger))
-            utils.barrier()
-        logger.log(step=tuple(), data=summary)
-        return 0
-    except (ValueError, FileNotFoundError, CheckpointError, EvalScriptError, utils.NonFiniteLossError) as exc:
-        print(f"run_squad.py: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        logger.flush()
-        utils.cleanup_distributed()
+        run.dllog.metadata(metric, {"unit": unit})
+    tokenizer = BertTokenizer(args.vocab_file, do_lower_case=args.do_lower_case)
+    config = build_config(args, tokenizer)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    model = load_model(args, config, run.dllog)
+    summary: dict[str, float] = {}
+    if args.do_train:
+        summary.update(train(args, model, tokenizer, config, run))
+        utils.save_finetuned(run, model, args.output_dir, skip=args.skip_checkpoint)
+    if args.do_predict:
+        if run.is_main:
+            summary.update(predict(args, model, tokenizer, run))
+        utils.barrier()
+    run.dllog.log(step=tuple(), data=summary)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_arguments(argv)
+    return utils.run_job("run_squad.py", args, check_arguments, lambda run: execute(args, run),
+                         json_summary=args.json_summary, errors=(EvalScriptError,))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import logging
 import math
 import os
 import random
@@ -17,16 +18,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from file_utils import load_checkpoint, save_checkpoint
+from file_utils import CheckpointError, load_checkpoint, save_checkpoint
 
 Precision = Literal["fp32", "fp16", "bf16"]
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Ranks and distributed setup
@@ -52,6 +56,14 @@ def barrier() -> None:
     """Wait for every rank; a no-op in a single process."""
     if get_world_size() > 1:
         dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over ranks (in place); the tensor itself in a single process."""
+    if get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= get_world_size()
+    return tensor
 
 
 @dataclass
@@ -214,29 +226,44 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def shuffled_batches(num_items: int, micro_batch: int, seed: int, env: RunEnv,
-                     make_batch: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-                     state: Optional[TrainState] = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless micro-batches of this rank's share of ``num_items`` examples, epoch after epoch.
+class ShuffledBatches:
+    """Endless micro-batches of this rank's share of ``num_items`` examples, epoch after epoch (a ``BatchSource``).
 
     Epoch e is a permutation seeded by ``seed + e`` (the same on every rank), wrapped around to a multiple of the
     world size and dealt out rank by rank, like ``DistributedSampler``; ``make_batch(indices)`` builds each batch.
-    ``state.epoch`` counts the finished passes (and says where to start).
+    ``epoch`` counts the finished passes.
     """
-    per_rank = math.ceil(num_items / env.world_size)
-    epoch = state.epoch if state is not None else 0
-    while True:
-        order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch))
-        order = order.repeat(math.ceil(per_rank * env.world_size / num_items))[:per_rank * env.world_size]
-        shard = order[env.rank::env.world_size]
-        for first in range(0, per_rank, micro_batch):
-            yield make_batch(shard[first:first + micro_batch])
-        epoch += 1
-        if state is not None:
-            state.epoch = epoch
+
+    def __init__(self, num_items: int, micro_batch: int, seed: int, make_batch: Callable[[torch.Tensor], Batch],
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.num_items, self.micro_batch, self.seed, self.make_batch = num_items, micro_batch, seed, make_batch
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def batches(self) -> Iterator[Batch]:
+        per_rank = math.ceil(self.num_items / self.world_size)
+        while True:
+            order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            order = order.repeat(math.ceil(per_rank * self.world_size / self.num_items))[:per_rank * self.world_size]
+            shard = order[self.rank::self.world_size]
+            for first in range(0, per_rank, self.micro_batch):
+                yield self.make_batch(shard[first:first + self.micro_batch])
+            self.epoch += 1
 
 
-def move_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+class IteratorBatches:
+    """A ``BatchSource`` over batches made elsewhere (benchmarks, tests): they all count as epoch 0."""
+
+    epoch = 0
+
+    def __init__(self, batches: Iterable[Batch]) -> None:
+        self._batches = iter(batches)
+
+    def batches(self) -> Iterator[Batch]:
+        return self._batches
+
+
+def move_to_device(batch: Batch, device: torch.device) -> Batch:
     """Copy a batch of tensors to ``device`` (non-blocking from pinned memory)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -440,20 +467,27 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The training loop
+# The training loop: micro-batch accumulation, the optimizer step and the metrics, composed in ``train_loop``
 # ----------------------------------------------------------------------------------------------------------------
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss (or gradient norm) stayed NaN/inf for too many consecutive steps; nothing was updated by them."""
+    """The loss or gradient norm stayed NaN/inf for too many consecutive steps; none of them updated the weights."""
+
+
+class BatchSource(Protocol):
+    """What the loop draws micro-batches from: endless ``batches()`` and the ``epoch`` they are in."""
+
+    epoch: int
+
+    def batches(self) -> Iterator[Batch]: ...
 
 
 @dataclass
 class TrainState:
     """Counters that make a run resumable; all plain values so they load with ``weights_only=True``."""
 
-    step: int = 0  # optimizer steps taken (overflow-skipped steps don't count, as in the reference)
-    epoch: int = 0
+    step: int = 0  # optimizer steps taken (skipped steps don't count, as in the reference)
     skipped_steps: int = 0
     sequences: int = 0  # sequences trained on, summed over ranks
 
@@ -461,153 +495,107 @@ class TrainState:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key, value in state.items():
-            setattr(self, key, int(value))
+        for name in self.state_dict():
+            if name in state:
+                setattr(self, name, int(state[name]))
+
+
+@dataclass
+class TrainParts:
+    """What one training run steps: the (wrapped) model, its loss, optimizer, schedule and loss scaler."""
+
+    model: nn.Module
+    loss_fn: LossFn  # (model, micro-batch on the device) -> scalar loss
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    flops_per_batch: Optional[Callable[[Batch], float]] = None  # training FLOPs of one micro-batch, for TFLOPs/MFU
+
+
+@dataclass
+class LoopConfig:
+    """How ``train_loop`` steps; each entry script fills it from its flags (``from_args``)."""
+
+    max_steps: int  # stop when ``state.step`` reaches this
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: Optional[float] = 1.0  # clip to this total norm; None when the optimizer clips itself (LAMB)
+    log_freq: int = 1  # one log record every N optimizer steps
+    progress: bool = True  # a tqdm bar on rank 0
+    allreduce_post_accumulation: bool = True  # DDP all-reduces only in the last micro-batch's backward
+    timing_warmup_steps: int = 1  # steps left out of the final throughput
+    max_consecutive_skips: int = 50  # non-finite steps in a row before NonFiniteLossError
+
+    @classmethod
+    def from_args(cls, args: Any, max_steps: int, **overrides: Any) -> LoopConfig:
+        """The settings every entry script names alike: accumulation, log frequency, progress bar, all-reduce."""
+        return cls(max_steps=max_steps, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                   log_freq=args.log_freq, progress=not args.disable_progress_bar,
+                   allreduce_post_accumulation=getattr(args, "allreduce_post_accumulation", True), **overrides)
 
 
 @dataclass
 class TrainResult:
-    """What a call of ``train_loop`` did; the figures exclude the warm-up steps."""
+    """What a call of ``train_loop`` did; the throughput figures leave the warm-up steps out."""
 
-    final_loss: float
+    final_loss: float  # data-parallel mean loss of the last applied step
+    mean_loss: float  # mean over the applied steps of this call
     steps: int
     train_time: float
     sequences_per_second: float
     stopped_early: bool = False
 
 
-def train_loop(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]],
-               loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
-               optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler, *,
-               env: RunEnv, precision: Precision, gradient_accumulation_steps: int, max_steps: int,
-               max_grad_norm: Optional[float] = 1.0, state: Optional[TrainState] = None, log_freq: int = 1,
-               logger: Any = None, on_step: Optional[Callable[[TrainState], bool]] = None,
-               progress: bool = True,
-               flops_per_batch: Optional[Callable[[dict[str, torch.Tensor]], float]] = None,
-               allreduce_post_accumulation: bool = True, timing_warmup_steps: int = 1,
-               max_consecutive_skips: int = 50) -> TrainResult:
-    """Run optimizer steps until ``state.step == max_steps`` or ``batches`` is exhausted.
+def forward_backward(model: nn.Module, micro_batches: list[Batch], loss_fn: LossFn, scaler: torch.amp.GradScaler,
+                     precision: Precision, device: torch.device, allreduce_post_accumulation: bool) -> torch.Tensor:
+    """Accumulate the gradients of the mean loss over ``micro_batches``; return that mean loss (detached).
 
-    Each optimizer step takes ``gradient_accumulation_steps`` micro-batches: forward under the precision context,
-    loss divided by the accumulation steps, backward through the scaler (gradients are all-reduced only on the
-    last micro-step when ``allreduce_post_accumulation``). Then unscale, clip (unless the optimizer clips
-    itself, like LAMB), step, update the scale, step the schedule and ``zero_grad(set_to_none=True)``.
-    A step whose loss or gradients are not finite is skipped, not applied; ``max_consecutive_skips`` of them in a
-    row raise ``NonFiniteLossError``. ``on_step(state)`` runs after each applied step and returns True to stop
-    (checkpointing, preemption). Losses are read back (``.item()``, a device sync) once per step for that check.
+    Each forward runs under the precision context and each backward through the scaler. Under DDP with
+    ``allreduce_post_accumulation`` the gradients are all-reduced once, in the last backward (``no_sync``).
     """
-    state = state or TrainState()
-    logger = logger or Logger()
-    raw_model = unwrap_model(model)
-    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    clip_inside = getattr(optimizer, "clips_gradients", False)
-    peak = peak_flops(env.device, precision)
-    model.train()
-    bar = progress_bar(total=max_steps, initial=state.step, disable=not progress, desc="train")
-    last_loss: Optional[torch.Tensor] = None
-    consecutive_skips, steps_this_call, stopped = 0, 0, False
-    timed = _Meter()  # steps after the warm-up, for the final throughput
-    total = _Meter()  # every step of this call, the fallback when too few steps ran to leave warm-up out
-    window = _Meter()  # since the last log line
-    if env.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(env.device)
-    try:
-        while state.step < max_steps:
-            t_start = time.perf_counter()
-            micro_batches = list(islice(batches, gradient_accumulation_steps))
-            if len(micro_batches) < gradient_accumulation_steps:
-                break  # data exhausted; a partial accumulation would be a step with a different batch size
-            window.data_time += time.perf_counter() - t_start
-            step_loss = torch.zeros((), device=env.device)
-            step_seqs, step_flops = 0, 0.0
-            for index, batch in enumerate(micro_batches):
-                if flops_per_batch is not None:
-                    step_flops += flops_per_batch(batch)
-                step_seqs += int(next(iter(batch.values())).shape[0])
-                batch = move_to_device(batch, env.device)
-                last = index == gradient_accumulation_steps - 1
-                sync = model.no_sync() if is_ddp and allreduce_post_accumulation and not last \
-                    else contextlib.nullcontext()
-                with sync:
-                    with autocast(precision, env.device):
-                        loss = loss_fn(model, batch)
-                    scaler.scale(loss / gradient_accumulation_steps).backward()
-                step_loss += loss.detach().float() / gradient_accumulation_steps
-            scaler.unscale_(optimizer)
-            grad_norm = None
-            if not clip_inside and max_grad_norm:
-                grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), max_grad_norm)
-            if env.world_size > 1:  # the data-parallel mean loss, for logging and the finiteness check
-                dist.all_reduce(step_loss, op=dist.ReduceOp.SUM)
-                step_loss /= env.world_size
-            finite = torch.isfinite(step_loss)
-            if grad_norm is not None:
-                finite &= torch.isfinite(grad_norm)
-            if scaler.is_enabled():
-                scale_before = scaler.get_scale()
-                scaler.step(optimizer)  # skips the update itself when it found inf/NaN gradients
-                scaler.update()
-                applied = scaler.get_scale() >= scale_before  # the scale backs off exactly when it skipped
-            else:
-                applied = bool(finite)
-                if applied:
-                    optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if not applied:
-                state.skipped_steps += 1
-                consecutive_skips += 1
-                if consecutive_skips >= max_consecutive_skips:
-                    raise NonFiniteLossError(
-                        f"loss or gradients were NaN/inf for {consecutive_skips} consecutive steps after step "
-                        f"{state.step} (last loss {step_loss.item()}); stopping. Those steps applied no update and "
-                        "wrote no checkpoint. Lower the learning rate or check the data.")
-                if scaler.is_enabled():
-                    logger.log(step="PARAMETER", data={"loss_scale": scaler.get_scale()})
-                continue
-            consecutive_skips = 0
-            scheduler.step()
-            state.step += 1
-            steps_this_call += 1
-            state.sequences += step_seqs * env.world_size
-            last_loss = step_loss
-            elapsed = time.perf_counter() - t_start
-            meters = (window, total, timed) if steps_this_call > timing_warmup_steps else (window, total)
-            for meter in meters:
-                meter.add(step_seqs * env.world_size, step_flops * env.world_size, elapsed)
-            bar.update(1)
-            if state.step % log_freq == 0 or state.step == max_steps:
-                if env.device.type == "cuda":
-                    torch.cuda.synchronize(env.device)
-                loss_value = step_loss.item()
-                record: dict[str, Any] = {
-                    "average_loss": loss_value,
-                    "learning_rate": optimizer.param_groups[0]["lr"],
-                    "skipped_steps": state.skipped_steps,
-                    "sequences_per_second": window.rate(),
-                    "data_time_fraction": window.data_time / max(window.time, 1e-9),
-                }
-                norm = getattr(optimizer, "last_grad_norm", None) if clip_inside else grad_norm
-                if norm is not None:
-                    record["grad_norm"] = float(norm)
-                if flops_per_batch is not None:
-                    achieved = window.flops / max(window.time, 1e-9)
-                    record["tflops"] = achieved / 1e12
-                    record["mfu"] = achieved / peak if peak else "n/a"
-                record["peak_memory_gib"] = peak_memory_gib(env.device)
-                logger.log(step=(state.epoch, state.step), data=record)
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-                window = _Meter()
-                if env.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(env.device)
-            if on_step is not None and on_step(state):
-                stopped = True
-                break
-    finally:
-        bar.close()
-    figures = timed if timed.time > 0 else total
-    return TrainResult(final_loss=last_loss.item() if last_loss is not None else float("nan"),
-                       steps=steps_this_call, train_time=figures.time, sequences_per_second=figures.rate(),
-                       stopped_early=stopped)
+    count = len(micro_batches)
+    skip_sync = isinstance(model, nn.parallel.DistributedDataParallel) and allreduce_post_accumulation
+    mean_loss = torch.zeros((), device=device)
+    for index, batch in enumerate(micro_batches):
+        batch = move_to_device(batch, device)
+        with model.no_sync() if skip_sync and index < count - 1 else contextlib.nullcontext():
+            with autocast(precision, device):
+                loss = loss_fn(model, batch)
+            scaler.scale(loss / count).backward()
+        mean_loss += loss.detach().float() / count
+    return mean_loss
+
+
+@dataclass
+class StepOutcome:
+    """Whether ``optimizer_step`` applied the update, and the total gradient norm it measured (before clipping)."""
+
+    applied: bool
+    grad_norm: torch.Tensor
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, parameters: list[torch.Tensor],
+                   max_grad_norm: Optional[float], loss: torch.Tensor) -> StepOutcome:
+    """Unscale, measure the total gradient norm, clip, then step only if the loss and the norm are finite.
+
+    The norm is measured whatever the optimizer (LAMB clips inside itself, so ``max_grad_norm`` is None for it), so
+    a NaN/inf gradient with a finite loss is skipped in fp32 and bf16 too. With fp16 the scaler makes that call
+    (and backs the scale off). Gradients are zeroed either way.
+    """
+    scaler.unscale_(optimizer)
+    grad_norm = nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    if max_grad_norm:
+        nn.utils.clip_grads_with_norm_(parameters, max_grad_norm, grad_norm)
+    if scaler.is_enabled():
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skips the update itself when unscale_ found inf/NaN gradients
+        scaler.update()
+        applied = scaler.get_scale() >= scale  # the scale backs off exactly when the step was skipped
+    else:
+        applied = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if applied:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(applied, grad_norm)
 
 
 @dataclass
@@ -619,13 +607,127 @@ class _Meter:
     time: float = 0.0
     data_time: float = 0.0
 
-    def add(self, sequences: int, flops: float, seconds: float) -> None:
-        self.sequences += sequences
-        self.flops += flops
-        self.time += seconds
-
     def rate(self) -> float:
         return self.sequences / self.time if self.time > 0 else 0.0
+
+
+class Metrics:
+    """Owns a run's meters: throughput since the last log record, over the call (minus warm-up), and the loss sum.
+
+    ``record`` builds the log record (the one place ``.item()`` syncs the device) and resets the window.
+    """
+
+    def __init__(self, run_env: RunEnv, precision: Precision, flops_per_batch: Optional[Callable[[Batch], float]],
+                 timing_warmup_steps: int = 1) -> None:
+        self.device, self.world_size = run_env.device, run_env.world_size
+        self.peak = peak_flops(run_env.device, precision)
+        self.flops_per_batch = flops_per_batch
+        self.timing_warmup_steps = timing_warmup_steps
+        self.window, self.timed, self.total = _Meter(), _Meter(), _Meter()
+        self.steps = 0
+        self.loss_sum = torch.zeros((), device=run_env.device)
+        self.last_loss: Optional[torch.Tensor] = None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def add_data_time(self, seconds: float) -> None:
+        self.window.data_time += seconds
+
+    def add_step(self, micro_batches: list[Batch], seconds: float, loss: torch.Tensor) -> int:
+        """Count one applied step; returns the sequences it trained on, summed over ranks."""
+        sequences = sum(int(next(iter(batch.values())).shape[0]) for batch in micro_batches) * self.world_size
+        flops = sum(map(self.flops_per_batch, micro_batches)) * self.world_size if self.flops_per_batch else 0.0
+        self.steps += 1
+        meters = (self.window, self.total, self.timed) if self.steps > self.timing_warmup_steps else (
+            self.window, self.total)
+        for meter in meters:
+            meter.sequences += sequences
+            meter.flops += flops
+            meter.time += seconds
+        self.loss_sum += loss
+        self.last_loss = loss
+        return sequences
+
+    def record(self, loss: torch.Tensor, learning_rate: float, grad_norm: torch.Tensor,
+               skipped_steps: int) -> dict[str, Any]:
+        """The log record of the steps since the previous one; resets the window and the peak-memory counter."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        window, self.window = self.window, _Meter()
+        record: dict[str, Any] = {
+            "average_loss": loss.item(), "learning_rate": learning_rate, "grad_norm": grad_norm.item(),
+            "skipped_steps": skipped_steps, "sequences_per_second": window.rate(),
+            "data_time_fraction": window.data_time / max(window.time, 1e-9),
+        }
+        if self.flops_per_batch is not None:
+            achieved = window.flops / max(window.time, 1e-9)
+            record["tflops"] = achieved / 1e12
+            record["mfu"] = achieved / self.peak if self.peak else "n/a"
+        record["peak_memory_gib"] = peak_memory_gib(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return record
+
+    def result(self, stopped_early: bool = False) -> TrainResult:
+        figures = self.timed if self.timed.time > 0 else self.total  # too few steps to leave warm-up out
+        return TrainResult(final_loss=self.last_loss.item() if self.last_loss is not None else float("nan"),
+                           mean_loss=self.loss_sum.item() / self.steps if self.steps else float("nan"),
+                           steps=self.steps, train_time=figures.time, sequences_per_second=figures.rate(),
+                           stopped_early=stopped_early)
+
+
+def train_loop(run: Run, parts: TrainParts, data: BatchSource, loop: LoopConfig, state: Optional[TrainState] = None,
+               on_step: Optional[Callable[[TrainState], bool]] = None) -> TrainResult:
+    """Take optimizer steps until ``state.step == loop.max_steps`` (or the data ends, or ``on_step`` says stop).
+
+    A step is ``gradient_accumulation_steps`` micro-batches through ``forward_backward``, the data-parallel mean
+    loss, then ``optimizer_step``; an applied step advances the schedule and the state. A skipped (non-finite) step
+    advances nothing; ``max_consecutive_skips`` of them in a row raise ``NonFiniteLossError``. ``on_step(state)``
+    runs after each applied step (checkpoints, preemption) and returns True to stop.
+    """
+    state = state or TrainState()
+    metrics = Metrics(run.env, run.precision, parts.flops_per_batch, loop.timing_warmup_steps)
+    parameters = [p for p in unwrap_model(parts.model).parameters() if p.requires_grad]
+    batches, skipped_in_a_row = data.batches(), 0
+    parts.model.train()
+    with progress_bar(total=loop.max_steps, initial=state.step, disable=not loop.progress, desc="train") as bar:
+        while state.step < loop.max_steps:
+            tic = time.perf_counter()
+            micro_batches = list(islice(batches, loop.gradient_accumulation_steps))
+            if len(micro_batches) < loop.gradient_accumulation_steps:
+                break  # data exhausted; a partial accumulation would be a step with a different batch size
+            metrics.add_data_time(time.perf_counter() - tic)
+            loss = forward_backward(parts.model, micro_batches, parts.loss_fn, parts.scaler, run.precision,
+                                    run.device, loop.allreduce_post_accumulation)
+            loss = all_reduce_mean(loss)
+            outcome = optimizer_step(parts.optimizer, parts.scaler, parameters, loop.max_grad_norm, loss)
+            if not outcome.applied:
+                state.skipped_steps += 1
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= loop.max_consecutive_skips:
+                    raise NonFiniteLossError(
+                        f"loss or gradients were NaN/inf for {skipped_in_a_row} consecutive steps after step "
+                        f"{state.step} (last loss {loss.item()}, gradient norm {outcome.grad_norm.item()}); "
+                        "stopping. Those steps applied no update and wrote no checkpoint. Lower the learning rate "
+                        "or check the data.")
+                skipped = {"skipped_steps": state.skipped_steps}
+                if parts.scaler.is_enabled():
+                    skipped["loss_scale"] = parts.scaler.get_scale()
+                run.dllog.log(step="PARAMETER", data=skipped)
+                continue
+            skipped_in_a_row = 0
+            parts.scheduler.step()
+            state.step += 1
+            state.sequences += metrics.add_step(micro_batches, time.perf_counter() - tic, loss)
+            bar.update(1)
+            if state.step % loop.log_freq == 0 or state.step == loop.max_steps:
+                record = metrics.record(loss, parts.optimizer.param_groups[0]["lr"], outcome.grad_norm,
+                                        state.skipped_steps)
+                run.dllog.log(step=(data.epoch, state.step), data=record)
+                bar.set_postfix(loss=f"{record['average_loss']:.4f}")
+            if on_step is not None and on_step(state):
+                return metrics.result(stopped_early=True)
+    return metrics.result()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -732,3 +834,201 @@ class PreemptionFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class Checkpointer:
+    """When a training run saves: every ``interval`` steps, once at the end, and at once on SIGTERM (preemption).
+
+    ``state_fn(train_state)`` returns what to save; files are numbered ``step_offset + step`` (phase 2 continues
+    phase 1's numbering). ``on_step`` is ``train_loop``'s hook; call ``finish`` after the loop and ``close`` in a
+    ``finally`` (it restores the signal handlers).
+    """
+
+    def __init__(self, run: Run, manager: CheckpointManager, state_fn: Callable[[TrainState], dict[str, Any]],
+                 interval: int, step_offset: int = 0, enabled: bool = True) -> None:
+        self.run, self.manager, self.state_fn = run, manager, state_fn
+        self.interval, self.step_offset, self.enabled = interval, step_offset, enabled
+        self.saved_step: Optional[int] = None
+        self.preemption = PreemptionFlag()
+
+    def save(self, state: TrainState) -> None:
+        """Rank 0 writes ``ckpt_<step_offset + step>.pt``; every rank waits for it."""
+        if not self.enabled or self.saved_step == state.step:
+            return
+        if self.run.is_main:
+            self.run.synchronize()
+            self.manager.save(self.step_offset + state.step, self.state_fn(state))
+        barrier()
+        self.saved_step = state.step
+
+    def on_step(self, state: TrainState) -> bool:
+        """Save on the interval; on a SIGTERM seen by any rank, save and ask the loop to stop."""
+        if self.preemption.any_rank(self.run.env):
+            self.save(state)
+            self.run.dllog.log(step="PARAMETER", data={"preempted_at_step": self.step_offset + state.step})
+            return True
+        if state.step % self.interval == 0:
+            self.save(state)
+        return False
+
+    def finish(self, state: TrainState) -> None:
+        """The final checkpoint of a run that took at least one step."""
+        if state.step > 0:
+            self.save(state)
+
+    def close(self) -> None:
+        self.preemption.restore()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning helpers: epochs to steps, and a rank-aware cache of tokenized features
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def steps_per_epochs(num_examples: int, micro_batch: int, world_size: int, gradient_accumulation_steps: int,
+                     epochs: float) -> int:
+    """Optimizer steps in ``epochs`` passes over ``num_examples``: each rank runs ceil(ceil(N / ranks) / micro)
+    micro-batches per pass (``ShuffledBatches``), and every ``gradient_accumulation_steps`` of them make a step."""
+    micro_batches = math.ceil(math.ceil(num_examples / world_size) / micro_batch)
+    return max(1, int(micro_batches * epochs) // gradient_accumulation_steps)
+
+
+def cached_features(path: Optional[Path], key: str, build: Callable[[], dict[str, Any]],
+                    run_env: RunEnv) -> dict[str, Any]:
+    """Tokenized features from the cache file ``path`` when its ``key`` matches, else ``build()`` them (and cache).
+
+    The cache holds tensors, strings and numbers only (written atomically, read with ``weights_only=True``); a
+    cache with another key, or unreadable, is rebuilt. Rank 0 reads or builds it first and the other ranks read it
+    after a barrier. Failing to write it (a read-only data folder) is a warning, not an error. ``path`` None: no
+    cache.
+    """
+    def read() -> Optional[dict[str, Any]]:
+        if path is None or not path.is_file():
+            return None
+        try:
+            stored = load_checkpoint(path)
+        except CheckpointError as exc:
+            log.warning("ignoring unreadable features cache: %s", exc)
+            return None
+        if not isinstance(stored, dict) or stored.get("key") != key:
+            log.warning("features cache %s was made with other settings or files; rebuilding it", path)
+            return None
+        return stored["features"]
+
+    features = read() if run_env.is_main else None
+    if run_env.is_main and features is None:
+        features = build()
+        if path is not None:
+            try:
+                save_checkpoint({"key": key, "features": features}, path)
+            except OSError as exc:
+                log.warning("could not write the features cache %s (%s); continuing without it", path, exc)
+    barrier()
+    if not run_env.is_main:
+        features = read() or build()
+    return features
+
+
+def save_finetuned(run: Run, model: nn.Module, output_dir: str | os.PathLike, skip: bool = False) -> None:
+    """Write the fine-tuned model (``config.json`` + ``pytorch_model.bin``) from rank 0, unless ``skip``."""
+    if run.is_main and not skip:
+        unwrap_model(model).save_pretrained(output_dir)
+    barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run scaffold: what every entry script does around its own work
+# ----------------------------------------------------------------------------------------------------------------
+
+# Errors that mean "bad flags, files or data": one line on stderr and exit status 1, not a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError)
+
+
+@dataclass
+class Run:
+    """One process of a job, as ``run_job`` set it up: where it runs, in which precision, and its dllogger."""
+
+    env: RunEnv
+    precision: Precision
+    dllog: Any
+
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.precision, self.env.device)
+
+    def synchronize(self) -> None:
+        """Wait for queued GPU work (before timing or saving); nothing on CPU."""
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)
+
+    def grad_scaler(self, args: Any) -> torch.amp.GradScaler:
+        """The loss scaler of ``--fp16`` runs (disabled otherwise), by one policy for every script: ``--loss_scale``
+        S > 0 starts at S and never grows; 0 is dynamic from ``--init_loss_scale`` (pre-training, 2**20) or 2**16."""
+        return make_grad_scaler(self.precision, self.env.device,
+                                init_scale=args.loss_scale or getattr(args, "init_loss_scale", 2.0**16),
+                                static=args.loss_scale > 0)
+
+
+def configure_logging(is_main: bool) -> None:
+    """Python logging, once per process: INFO on rank 0 (optimizer groups, load reports, shard summaries), WARNING
+    on the other ranks so each message appears once."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def check_precision_flags(args: Any, device: torch.device) -> Precision:
+    """``--fp16/--amp`` and ``--bf16`` to one precision; ``--loss_scale`` only with ``--fp16``, and not negative."""
+    loss_scale = getattr(args, "loss_scale", 0.0)
+    if not loss_scale >= 0:
+        raise ValueError(f"--loss_scale must be >= 0, got {loss_scale}")
+    if loss_scale > 0 and not args.fp16:
+        raise ValueError("--loss_scale only applies with --fp16/--amp (bf16 and fp32 need no loss scaling)")
+    return resolve_precision(args.fp16, args.bf16, device)
+
+
+def report_error(script: str, exc: BaseException) -> int:
+    """Print ``<script>: error: <message>`` on stderr and return the exit status 1."""
+    print(f"{script}: error: {exc}", file=sys.stderr)
+    return 1
+
+
+def run_job(script: str, args: Any, check: Callable[[Any, int], None], body: Callable[[Run], None], *,
+            json_summary: Optional[str | os.PathLike], errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Set up a run, check its flags, run ``body`` and turn user errors into one line and exit status 1.
+
+    In order: ``--local_rank`` to ``LOCAL_RANK`` (torch.distributed.launch), distributed setup, Python logging,
+    ``check(args, world_size)`` and the precision flags (before any file is written), the dllogger (rank 0 writes
+    ``json_summary``), seeds (``--seed`` + rank) and the resolved config. ``errors`` adds script-specific
+    exception types to ``USER_ERRORS``. The dllogger is flushed and the process group closed in any case.
+    """
+    if getattr(args, "local_rank", -1) >= 0 and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+    env = setup_distributed(no_cuda=getattr(args, "no_cuda", False))
+    configure_logging(env.is_main)
+    dllog = Logger()
+    try:
+        check(args, env.world_size)
+        precision = check_precision_flags(args, env.device)
+        dllog = setup_logger(json_summary if env.is_main else None, enabled=env.is_main)
+        set_seed(args.seed, env.rank)
+        log_config(dllog, args)
+        dllog.log(step="PARAMETER", data={"SEED": args.seed, "precision": precision, "world_size": env.world_size,
+                                          "device": str(env.device)})
+        body(Run(env, precision, dllog))
+        return 0
+    except USER_ERRORS + errors as exc:
+        return report_error(script, exc)
+    finally:
+        dllog.flush()
+        cleanup_distributed()

@@ -75,7 +75,9 @@ def glue_args(model_dir: Path, data_dir: Path, task: str, out: Path, cache: Path
 def run_ours(args: argparse.Namespace, env: utils.RunEnv) -> dict[str, Any]:
     """Our side: run_glue's own code path; returns its results dict."""
     run_glue.check_arguments(args, env.world_size)
-    return run_glue.run(args, env, utils.Logger())
+    utils.set_seed(args.seed, env.rank)
+    run = utils.Run(env, utils.check_precision_flags(args, env.device), utils.Logger())
+    return run_glue.execute(args, run)
 
 
 def run_transformers(args: argparse.Namespace, env: utils.RunEnv) -> dict[str, Any]:
@@ -94,12 +96,12 @@ def run_transformers(args: argparse.Namespace, env: utils.RunEnv) -> dict[str, A
     model = HFBertForSequenceClassification.from_pretrained(args.init_checkpoint, num_labels=processor.num_labels)
     model.to(env.device)
     micro_batch = args.train_batch_size  # the benchmark runs without gradient accumulation
-    total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.num_train_epochs * (
-        run_glue.micro_batches_per_epoch(train["input_ids"].shape[0], micro_batch, env.world_size))))
+    total_steps = args.max_steps if args.max_steps > 0 else utils.steps_per_epochs(
+        train["input_ids"].shape[0], micro_batch, env.world_size, 1, args.num_train_epochs)
     optimizer = build_optimizer("adamw", param_groups(model, weight_decay=0.01, no_decay=FINETUNING_NO_DECAY),
                                 lr=args.learning_rate, eps=1e-6, device=env.device)
     scheduler = LinearWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=total_steps)
-    batches = run_glue.train_batches(train, micro_batch, args.seed)
+    batches = run_glue.train_batches(train, micro_batch, args.seed).batches()
 
     model.train()
     start = time.perf_counter()

@@ -69,11 +69,12 @@ def main() -> None:
             scores, nsp = net(b["input_ids"], b["token_type_ids"], b["attention_mask"], masked_lm_labels=b["labels"])
             return pretraining_loss(scores, nsp, b["labels"], b["next_sentence_labels"])[0]
 
-        wrapped = utils.wrap_model(model, env)
-        utils.train_loop(wrapped, batches(), loss_fn, optimizer, scheduler,
-                         utils.make_grad_scaler("fp32", env.device), env=env, precision="fp32",
-                         gradient_accumulation_steps=args.accumulation, max_steps=args.steps, max_grad_norm=None,
-                         progress=False, allreduce_post_accumulation=True)
+        run = utils.Run(env, "fp32", utils.Logger())
+        parts = utils.TrainParts(utils.wrap_model(model, env), loss_fn, optimizer, scheduler,
+                                 utils.make_grad_scaler("fp32", env.device))
+        loop = utils.LoopConfig(max_steps=args.steps, gradient_accumulation_steps=args.accumulation,
+                                max_grad_norm=None, progress=False, allreduce_post_accumulation=True)
+        utils.train_loop(run, parts, utils.IteratorBatches(batches()), loop)
         if env.is_main:
             torch.save(model.state_dict(), args.out)
     finally:

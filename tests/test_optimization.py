@@ -83,10 +83,8 @@ def test_lamb_matches_reference_formulas(foreach: bool, options: dict) -> None:
     expected = reference_lamb(start, grads, [0.01, 0.0, 0.01, 0.0], lr=0.02, **options)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.detach().double(), e, atol=1e-6, rtol=0)
-    # The pre-clip global norm of the last step is exposed for logging.
     last_norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads[-1]))
-    assert optimizer.last_grad_norm.item() == pytest.approx(last_norm, rel=1e-6)
-    assert optimizer.last_grad_norm.item() > 1.0  # clipping was active
+    assert last_norm > 1.0  # the global-norm clip was active, so the formula's clipping branch was checked
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -109,7 +107,6 @@ def test_lamb_foreach_equals_for_loop(dtype: torch.dtype) -> None:
 
 def test_lamb_default_picks_for_loop_on_cpu() -> None:
     assert Lamb(make_params(), lr=0.1).foreach is False
-    assert Lamb.clips_gradients is True
 
 
 def test_lamb_converges_on_tiny_problem() -> None:
@@ -175,12 +172,15 @@ def test_grad_scaler_skips_inf_step_and_leaves_state() -> None:
         scaler.step(optimizer)
         scaler.update()
 
-    optimizer.zero_grad()
-    model(x).square().sum().backward()
-    true_norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    twin = nn.Linear(4, 3)
+    twin.load_state_dict(model.state_dict())
+    twin_optimizer = Lamb(twin.parameters(), lr=0.01)
+    twin(x).square().sum().backward()
+    twin_optimizer.step()
     step(poison=False)
-    # The optimizer saw unscaled gradients: its recorded norm is the true one, not 2**8 times it.
-    torch.testing.assert_close(optimizer.last_grad_norm, true_norm)
+    # The optimizer saw unscaled gradients: its step equals one taken on the plain (unscaled) gradients.
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
 
     params = [p.detach().clone() for p in model.parameters()]
     state = {k: v.clone() for k, v in optimizer.state[model.weight].items()}
@@ -246,7 +246,7 @@ def test_build_optimizer_lamb_passes_hyperparameters() -> None:
     model = _Tiny()
     optimizer = build_optimizer("lamb", param_groups(model, 0.01), 0.006, max_grad_norm=2.0, use_nvlamb=True,
                                 implementation="foreach")
-    assert isinstance(optimizer, Lamb) and optimizer.clips_gradients
+    assert isinstance(optimizer, Lamb)
     assert optimizer.foreach and optimizer.max_grad_norm == 2.0
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
     assert all(g["use_nvlamb"] and g["lr"] == 0.006 and g["eps"] == 1e-6 for g in optimizer.param_groups)
@@ -255,7 +255,7 @@ def test_build_optimizer_lamb_passes_hyperparameters() -> None:
 def test_build_optimizer_adamw_matches_torch_and_does_not_clip() -> None:
     params, twin = make_params(), make_params()
     optimizer = build_optimizer("adamw", groups_of(params, 0.01), 0.01)
-    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.clips_gradients is False
+    assert isinstance(optimizer, torch.optim.AdamW)
     reference = torch.optim.AdamW(groups_of(twin, 0.01), lr=0.01, eps=1e-6, foreach=False)
     grads = make_grads(5)
     run_lamb(params, grads, optimizer)
@@ -271,7 +271,6 @@ def test_bertadam_matches_formula() -> None:
     start = [p.detach().double().clone() for p in params]
     grads = make_grads(steps)
     optimizer = BertAdam(params, lr=lr, warmup=warmup, t_total=t_total, weight_decay=wd)
-    assert BertAdam.clips_gradients
     run_lamb(params, grads, optimizer)
 
     w, m, v = start, [torch.zeros_like(x) for x in start], [torch.zeros_like(x) for x in start]

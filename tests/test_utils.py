@@ -135,14 +135,20 @@ def _mse(net, batch):
     return nn.functional.mse_loss(net(batch["x"]), batch["y"])
 
 
+def _train(model, batches, optimizer, precision="fp32", loss_fn=_mse, state=None, on_step=None, **loop):
+    """Run utils.train_loop on CPU with a constant learning rate unless a scheduler factor is given."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, loop.pop("lr_factor", lambda s: 1.0))
+    run = utils.Run(utils.RunEnv(), precision, utils.Logger())
+    parts = utils.TrainParts(model, loss_fn, optimizer, scheduler, utils.make_grad_scaler(precision, run.device))
+    config = utils.LoopConfig(progress=False, **loop)
+    return utils.train_loop(run, parts, utils.IteratorBatches(batches), config, state, on_step)
+
+
 def _run(model, x, y, micro, accum, steps, clip=1.0):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
-    scaler = utils.make_grad_scaler("fp32", torch.device("cpu"))
     batches = ({"x": x[i:i + micro], "y": y[i:i + micro]} for _ in range(steps) for i in range(0, len(x), micro))
-    return utils.train_loop(model, batches, _mse, optimizer, scheduler, scaler, env=utils.RunEnv(),
-                            precision="fp32", gradient_accumulation_steps=accum, max_steps=steps,
-                            max_grad_norm=clip, progress=False)
+    return _train(model, batches, optimizer, gradient_accumulation_steps=accum, max_steps=steps, max_grad_norm=clip,
+                  lr_factor=lambda s: 1.0 / (1 + s))
 
 
 def test_gradient_accumulation_equals_one_big_batch():
@@ -158,11 +164,8 @@ def test_train_loop_stops_at_max_steps_and_reports():
     model, x, y = _toy_problem()
     state = utils.TrainState()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    batches = iter([{"x": x, "y": y}] * 100)
-    result = utils.train_loop(model, batches, _mse, optimizer, scheduler, utils.make_grad_scaler("fp32", torch.device("cpu")),
-                              env=utils.RunEnv(), precision="fp32", gradient_accumulation_steps=2, max_steps=7,
-                              state=state, progress=False)
+    result = _train(model, [{"x": x, "y": y}] * 100, optimizer, state=state, gradient_accumulation_steps=2,
+                    max_steps=7)
     assert state.step == 7 and result.steps == 7 and state.sequences == 7 * 2 * 16
     assert result.sequences_per_second > 0 and result.final_loss == pytest.approx(_mse(model, {"x": x, "y": y}).item(), rel=0.5)
 
@@ -172,11 +175,8 @@ def test_non_finite_loss_stops_without_touching_weights():
     before = [p.detach().clone() for p in model.parameters()]
     bad = {"x": x, "y": torch.full_like(y, float("nan"))}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     with pytest.raises(utils.NonFiniteLossError, match="3 consecutive steps"):
-        utils.train_loop(model, iter([bad] * 10), _mse, optimizer, scheduler,
-                         utils.make_grad_scaler("fp32", torch.device("cpu")), env=utils.RunEnv(), precision="fp32",
-                         gradient_accumulation_steps=1, max_steps=10, progress=False, max_consecutive_skips=3)
+        _train(model, [bad] * 10, optimizer, max_steps=10, max_consecutive_skips=3)
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b)
 
@@ -184,11 +184,7 @@ def test_non_finite_loss_stops_without_touching_weights():
 def test_on_step_can_stop_the_loop():
     model, x, y = _toy_problem()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    result = utils.train_loop(model, iter([{"x": x, "y": y}] * 10), _mse, optimizer, scheduler,
-                              utils.make_grad_scaler("fp32", torch.device("cpu")), env=utils.RunEnv(),
-                              precision="fp32", gradient_accumulation_steps=1, max_steps=10, progress=False,
-                              on_step=lambda s: s.step == 3)
+    result = _train(model, [{"x": x, "y": y}] * 10, optimizer, max_steps=10, on_step=lambda s: s.step == 3)
     assert result.stopped_early and result.steps == 3
 
 
@@ -205,7 +201,6 @@ def test_bert_flops_formula_matches_hand_count():
 def test_bf16_autocast_trains_on_cpu():
     model, x, y = _toy_problem()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     before = _mse(model, {"x": x, "y": y}).item()
     seen = []
 
@@ -214,9 +209,124 @@ def test_bf16_autocast_trains_on_cpu():
         seen.append(out.dtype)
         return nn.functional.mse_loss(out.float(), batch["y"])
 
-    utils.train_loop(model, iter([{"x": x, "y": y}] * 20), loss_fn, optimizer, scheduler,
-                     utils.make_grad_scaler("bf16", torch.device("cpu")), env=utils.RunEnv(), precision="bf16",
-                     gradient_accumulation_steps=1, max_steps=20, progress=False)
+    _train(model, [{"x": x, "y": y}] * 20, optimizer, precision="bf16", loss_fn=loss_fn, max_steps=20)
     assert set(seen) == {torch.bfloat16}  # the forward really ran under bf16 autocast
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
     assert _mse(model, {"x": x, "y": y}).item() < before
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nan_gradient_with_finite_loss_is_skipped_under_lamb(precision):
+    """LAMB clips by itself, so the loop passes no clip norm; it still measures the norm and skips the NaN step."""
+    from optimization import build_optimizer
+
+    model, x, y = _toy_problem()
+    poison_at = {2}
+    calls = []
+
+    def loss_fn(net, batch):
+        calls.append(None)
+        loss = nn.functional.mse_loss(net(batch["x"]).float(), batch["y"])
+        if len(calls) in poison_at:  # sqrt(0 * w) is 0, but its gradient is 0.5 / sqrt(0) * 0 = NaN
+            loss = loss + torch.sqrt(net[0].weight.sum() * 0.0)
+        return loss
+
+    optimizer = build_optimizer("lamb", model.parameters(), lr=0.01)
+    state = utils.TrainState()
+    result = _train(model, [{"x": x, "y": y}] * 10, optimizer, precision=precision, loss_fn=loss_fn, state=state,
+                    max_steps=5, max_grad_norm=None)
+    assert result.steps == 5 and state.step == 5 and state.skipped_steps == 1 and len(calls) == 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(s["exp_avg"]).all() for s in optimizer.state.values())
+
+
+def test_train_result_mean_loss_is_the_mean_of_step_losses():
+    model, x, y = _toy_problem()
+    seen = []
+
+    def loss_fn(net, batch):
+        loss = _mse(net, batch)
+        seen.append(loss.item())
+        return loss
+
+    result = _train(model, [{"x": x[:8], "y": y[:8]}, {"x": x[8:], "y": y[8:]}] * 3, torch.optim.SGD(
+        model.parameters(), lr=0.05), loss_fn=loss_fn, gradient_accumulation_steps=2, max_steps=3)
+    steps = [(seen[i] + seen[i + 1]) / 2 for i in range(0, 6, 2)]
+    assert result.mean_loss == pytest.approx(sum(steps) / 3, rel=1e-6)
+    assert result.final_loss == pytest.approx(steps[-1], rel=1e-6)
+
+
+def test_shuffled_batches_deal_each_epoch_once_over_ranks():
+    seen = {rank: [] for rank in range(2)}
+    for rank in range(2):
+        source = utils.ShuffledBatches(7, 2, seed=3, make_batch=lambda rows: {"rows": rows}, rank=rank, world_size=2)
+        batches = source.batches()
+        for _ in range(2):  # ceil(ceil(7 / 2) / 2) micro-batches per epoch
+            seen[rank].extend(next(batches)["rows"].tolist())
+        assert source.epoch == 0
+        next(batches)
+        assert source.epoch == 1
+    everything = seen[0] + seen[1]
+    assert len(everything) == 8 and set(everything) == set(range(7))  # one example repeated to even the ranks
+    assert utils.steps_per_epochs(7, 2, world_size=2, gradient_accumulation_steps=1, epochs=1.0) == 2
+    assert utils.steps_per_epochs(100, 4, world_size=1, gradient_accumulation_steps=2, epochs=1.5) == 18
+
+
+def test_run_job_logs_info_on_rank_zero_and_turns_only_user_errors_into_exit_1(tmp_path, capsys, caplog):
+    import argparse
+    import logging
+
+    logging.getLogger().setLevel(logging.WARNING)
+    args = argparse.Namespace(seed=1, fp16=False, bf16=False, loss_scale=0.0, no_cuda=True, local_rank=-1)
+    summary = tmp_path / "dllogger.json"
+
+    def body(run):
+        logging.getLogger("optimization").info("optimizer lamb chosen")
+        assert run.precision == "fp32" and run.is_main
+
+    with caplog.at_level(logging.NOTSET):
+        assert utils.run_job("x.py", args, lambda a, world: None, body, json_summary=summary) == 0
+    assert "optimizer lamb chosen" in caplog.text
+    assert '"SEED": 1' in summary.read_text()
+
+    def bad(run):
+        raise ValueError("--foo is wrong")
+
+    assert utils.run_job("x.py", args, lambda a, world: None, bad, json_summary=None) == 1
+    assert capsys.readouterr().err.strip() == "x.py: error: --foo is wrong"
+
+    def bug(run):
+        raise KeyError("scheduler")
+
+    with pytest.raises(KeyError):  # a programming error keeps its traceback
+        utils.run_job("x.py", args, lambda a, world: None, bug, json_summary=None)
+
+
+def test_run_job_checks_flags_before_writing_the_log(tmp_path, capsys):
+    import argparse
+
+    summary = tmp_path / "dllogger.json"
+    summary.write_text("previous run\n")
+    args = argparse.Namespace(seed=1, fp16=False, bf16=True, loss_scale=128.0, no_cuda=True)
+    assert utils.run_job("x.py", args, lambda a, world: None, lambda run: None, json_summary=summary) == 1
+    assert "--loss_scale only applies with --fp16" in capsys.readouterr().err
+    assert summary.read_text() == "previous run\n"
+
+
+def test_cached_features_rebuild_on_key_change_and_survive_an_unwritable_folder(tmp_path, caplog):
+    env = utils.RunEnv()
+    path = tmp_path / "cache.pt"
+    built = []
+
+    def build():
+        built.append(None)
+        return {"ids": torch.arange(len(built))}
+
+    first = utils.cached_features(path, "k1", build, env)
+    assert torch.equal(utils.cached_features(path, "k1", build, env)["ids"], first["ids"]) and len(built) == 1
+    utils.cached_features(path, "k2", build, env)
+    assert len(built) == 2 and "rebuilding" in caplog.text
+    not_a_folder = tmp_path / "file"  # writing under a regular file fails even for root, like a read-only folder
+    not_a_folder.write_text("")
+    assert torch.equal(utils.cached_features(not_a_folder / "c.pt", "k", build, env)["ids"], torch.arange(3))
+    assert "could not write the features cache" in caplog.text
