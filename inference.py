@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -27,7 +27,7 @@ DEFAULT_CONTEXT = (
 )
 
 
-def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     """All flags in one block: the reference's inference.py flags plus --json_file, --doc_stride, --bf16."""
     parser = argparse.ArgumentParser(description=__doc__)
     required = parser.add_argument_group("required")
@@ -69,7 +69,7 @@ def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_files(args: argparse.Namespace) -> tuple[Path, Optional[Path]]:
+def resolve_files(args: argparse.Namespace) -> tuple[Path, Path | None]:
     """The vocabulary file and the config file (None: let ``from_pretrained`` find it beside the weights)."""
     checkpoint = Path(args.init_checkpoint)
     if not checkpoint.exists():
@@ -85,7 +85,7 @@ def resolve_files(args: argparse.Namespace) -> tuple[Path, Optional[Path]]:
     return vocab, config
 
 
-def load_qa_model(checkpoint: str, config_file: Optional[Path]) -> BertForQuestionAnswering:
+def load_qa_model(checkpoint: str, config_file: Path | None) -> BertForQuestionAnswering:
     """Load a fine-tuned QA model for prediction; fail when the weights carry no QA head or don't fit the config."""
     config = BertConfig.from_json_file(config_file) if config_file else None
     try:
@@ -157,7 +157,7 @@ def answer(items: list[dict[str, str]], model: BertForQuestionAnswering, tokeniz
     return results
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -173,13 +173,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         tokenizer = BertTokenizer(vocab_file, do_lower_case=args.do_lower_case)
         items = read_items(args)
         model = load_qa_model(args.init_checkpoint, config_file)
-        if args.max_seq_length > model.config.max_position_embeddings:
-            raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds the model's max_position_embeddings "
-                             f"{model.config.max_position_embeddings}")
+        model.config.check_fits(len(tokenizer.vocab), args.max_seq_length,
+                                config_file=config_file or f"the config beside {args.init_checkpoint}",
+                                vocab_file=vocab_file)
         results = answer(items, model.to(device), tokenizer, args, device, precision)
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:
-        print(f"inference.py: error: {exc}", file=sys.stderr)
-        return 1
+    except utils.USER_ERRORS as exc:
+        return utils.report_error("inference.py", exc)
     if args.json_file:
         print(json.dumps({"model": args.bert_model, "results": results}, indent=2, ensure_ascii=False))
         return 0

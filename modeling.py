@@ -5,9 +5,10 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +117,7 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_prob = config.attention_probs_dropout_prob
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None) -> Tensor:
         """hidden_states: [B, S, H]; attention_mask: additive [B, 1, 1, S] or None -> context [B, S, H].
 
         B = batch, S = sequence, N = heads, D = head size (H = N * D). Scores are scaled by 1/sqrt(D) and the
@@ -166,7 +167,7 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None) -> Tensor:
         return self.output(self.self(hidden_states, attention_mask), hidden_states)
 
 
@@ -197,7 +198,7 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None) -> Tensor:
         attention_output = self.attention(hidden_states, attention_mask)
         return self.output(self.intermediate(attention_output), attention_output)
 
@@ -216,7 +217,7 @@ class BertEncoder(nn.Module):
         self.checkpoint_activations = False
 
     def forward(
-        self, hidden_states: Tensor, attention_mask: Optional[Tensor], output_all_encoded_layers: bool = False
+        self, hidden_states: Tensor, attention_mask: Tensor | None, output_all_encoded_layers: bool = False
     ) -> list[Tensor]:
         """Returns the output of every layer when `output_all_encoded_layers`, else a list with the last one."""
         checkpointing = self.checkpoint_activations and self.training and torch.is_grad_enabled()
@@ -416,7 +417,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)  # file tensors the model has no place for: not loaded
     renamed: int = 0
     dropped_buffers: list[str] = field(default_factory=list)
-    vocab_rows: Optional[tuple[int, int]] = None  # (rows in file, rows in model) when they differed
+    vocab_rows: tuple[int, int] | None = None  # (rows in file, rows in model) when they differed
 
     def __str__(self) -> str:
         text = f"{self.source}: loaded {len(self.loaded)} tensors ({self.renamed} renamed)"
@@ -474,7 +475,7 @@ class BertPreTrainedModel(nn.Module):
                 raise ValueError(f"config key {key}={config.extra[key]!r} is not supported by this BERT")
         self.config = config
 
-    def init_weights(self, root: Optional[nn.Module] = None) -> None:
+    def init_weights(self, root: nn.Module | None = None) -> None:
         """BERT's init (Devlin et al. 2019, Google's code) of `root` (default: the whole model): every Linear and
         Embedding ~ N(0, initializer_range), biases 0, LayerNorm 1/0. Unlike the reference, this covers the
         LinearActivation layers too. Task models initialise only their heads; `BertModel` has done the rest."""
@@ -605,7 +606,7 @@ class BertPreTrainedModel(nn.Module):
     def from_pretrained(
         cls,
         path: PathLike,
-        config: Union[BertConfig, PathLike, None] = None,
+        config: BertConfig | PathLike | None = None,
         *,
         strict: bool = False,
         **model_kwargs: Any,
@@ -708,10 +709,10 @@ class BertModel(BertPreTrainedModel):
     def forward(
         self,
         input_ids: Tensor,
-        token_type_ids: Optional[Tensor] = None,
-        attention_mask: Optional[Tensor] = None,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         output_all_encoded_layers: bool = False,
-    ) -> tuple[Union[Tensor, list[Tensor]], Tensor]:
+    ) -> tuple[Tensor | list[Tensor], Tensor]:
         """input_ids, token_type_ids, attention_mask (1 = real token, 0 = padding): [B, S].
 
         Returns (sequence_output [B, S, H] -- or the list of every layer's output when
@@ -750,9 +751,9 @@ class BertForPreTraining(BertPreTrainedModel):
     def forward(
         self,
         input_ids: Tensor,
-        token_type_ids: Optional[Tensor] = None,
-        attention_mask: Optional[Tensor] = None,
-        masked_lm_labels: Optional[Tensor] = None,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        masked_lm_labels: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Returns (prediction_scores, seq_relationship_score [B, 2]).
 
@@ -817,7 +818,7 @@ class BertForMaskedLM(BertPreTrainedModel):
         self.init_weights(self.cls)
 
     def forward(
-        self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
     ) -> Tensor:
         """Returns prediction_scores [B, S, V] over the padded vocabulary."""
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
@@ -834,7 +835,7 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
         self.init_weights(self.cls)
 
     def forward(
-        self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
     ) -> Tensor:
         """Returns seq_relationship_score [B, 2] (index 0: B follows A)."""
         _, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
@@ -861,7 +862,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
         self.init_weights(self.classifier)
 
     def forward(
-        self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
     ) -> Tensor:
         """Returns logits [B, num_labels]."""
         _, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
@@ -883,14 +884,14 @@ class BertForMultipleChoice(BertPreTrainedModel):
         self.init_weights(self.classifier)
 
     def forward(
-        self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
     ) -> Tensor:
         """input_ids etc.: [B, C, S] with C = num_choices. Returns logits [B, C]."""
         batch, choices, seq_len = input_ids.shape
         if choices != self.num_choices:
             raise ValueError(f"input has {choices} choices per example, the model was built for {self.num_choices}")
 
-        def flat(x: Optional[Tensor]) -> Optional[Tensor]:
+        def flat(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.reshape(batch * choices, seq_len)  # [B, C, S] -> [B*C, S]
 
         _, pooled_output = self.bert(flat(input_ids), flat(token_type_ids), flat(attention_mask))
@@ -912,7 +913,7 @@ class BertForTokenClassification(BertPreTrainedModel):
         self.init_weights(self.classifier)
 
     def forward(
-        self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
     ) -> Tensor:
         """Returns logits [B, S, num_labels]."""
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
@@ -936,7 +937,7 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         self.init_weights(self.qa_outputs)
 
     def forward(
-        self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Returns (start_logits [B, S], end_logits [B, S])."""
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)

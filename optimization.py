@@ -6,7 +6,8 @@ import inspect
 import logging
 import math
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -116,9 +117,10 @@ class Lamb(torch.optim.Optimizer):
          biases and LayerNorm, gets plain Adam steps: reference quirk kept on purpose).
 
     The optimizer clips by itself: the training loop measures the norm (to skip non-finite steps) but must not
-    clip again (`LoopConfig.max_grad_norm=None`). It has no loss-scale handling of its own; with fp16 use `torch.amp.GradScaler` (`scaler.unscale_(opt)` then
-    `scaler.step(opt)`), which skips the whole step, state included, when a gradient is inf/NaN. Without a
-    scaler a non-finite gradient is not skipped (as torch's own optimizers).
+    clip again (`LoopConfig.max_grad_norm=None`). It has no loss-scale handling of its own; with fp16 use
+    `torch.amp.GradScaler` (`scaler.unscale_(opt)` then `scaler.step(opt)`), which skips the whole step, state
+    included, when a gradient is inf/NaN. Called directly, without `utils.optimizer_step` or a scaler, a
+    non-finite gradient is not skipped (as torch's own optimizers).
 
     Moments are fp32 for any parameter dtype; a bf16/fp16 parameter is updated in fp32 and rounded once
     (no fp32 master copy is kept). `foreach=None` picks the multi-tensor path when this torch has the ops and

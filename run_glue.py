@@ -8,15 +8,22 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import utils
-from data.glue import PROCESSORS, DataProcessor, GlueDataError, compute_metrics, convert_examples_to_features, \
-    features_to_tensors, get_processor
+from data.glue import (
+    PROCESSORS,
+    DataProcessor,
+    GlueDataError,
+    compute_metrics,
+    convert_examples_to_features,
+    features_to_tensors,
+    get_processor,
+)
 from file_utils import atomic_write, sha256sum
 from modeling import IGNORE_INDEX, BertConfig, BertForSequenceClassification
 from optimization import FINETUNING_NO_DECAY, build_optimizer, param_groups
@@ -27,7 +34,7 @@ Batch = dict[str, torch.Tensor]
 CACHE_FORMAT = 2  # bump when the cached tensors change meaning
 
 
-def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     """All flags in one block, with the reference's names and defaults (README "Parameters")."""
     parser = argparse.ArgumentParser(description=__doc__)
     required = parser.add_argument_group("required")
@@ -358,7 +365,7 @@ def execute(args: argparse.Namespace, run: utils.Run) -> dict[str, Any]:
     return results
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point: bad flags, files or checkpoints end the run with a message and exit status 1."""
     args = parse_arguments(argv)
     return utils.run_job("run_glue.py", args, check_arguments, lambda run: execute(args, run),

@@ -6,7 +6,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -19,14 +18,16 @@ from schedulers import PolyWarmUpScheduler
 from tokenization import load_vocab
 
 
-def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     """All flags in one block, with the reference's names and defaults (see README "Parameters")."""
     parser = argparse.ArgumentParser(description=__doc__)
     required = parser.add_argument_group("required")
     required.add_argument("--input_dir", required=True,
                           help="Folder of pre-training shards: Parquet (shard-*.parquet[_<bin>]) or HDF5 (*.hdf5).")
-    required.add_argument("--config_file", required=True, help="BERT config JSON; its vocab is padded to a multiple of 8.")
-    required.add_argument("--output_dir", required=True, help="Where ckpt_<step>.pt files are written and resumed from.")
+    required.add_argument("--config_file", required=True,
+                          help="BERT config JSON; its vocab is padded to a multiple of 8.")
+    required.add_argument("--output_dir", required=True,
+                          help="Where ckpt_<step>.pt files are written and resumed from.")
     required.add_argument("--vocab_file", required=True, help="WordPiece vocab the Parquet shards' tokens map through.")
     other = parser.add_argument_group("other")
     other.add_argument("--init_checkpoint", default=None,
@@ -39,7 +40,8 @@ def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     other.add_argument("--train_batch_size", type=int, default=32,
                        help="Sequences per rank per optimizer step, before division by --gradient_accumulation_steps.")
     other.add_argument("--learning_rate", type=float, default=5e-5, help="Peak LAMB learning rate.")
-    other.add_argument("--max_steps", type=float, default=1000, help="Optimizer steps of this phase (sets the schedule).")
+    other.add_argument("--max_steps", type=float, default=1000,
+                       help="Optimizer steps of this phase (sets the schedule).")
     other.add_argument("--warmup_proportion", type=float, default=0.01,
                        help="Fraction of --max_steps spent warming the learning rate up linearly.")
     other.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)),
@@ -111,7 +113,7 @@ def check_arguments(args: argparse.Namespace, world_size: int) -> None:
                          "pass --resume_from_checkpoint to continue, or choose an empty folder")
 
 
-def find_resume_checkpoint(args: argparse.Namespace, manager: utils.CheckpointManager) -> tuple[Optional[Path], bool]:
+def find_resume_checkpoint(args: argparse.Namespace, manager: utils.CheckpointManager) -> tuple[Path | None, bool]:
     """The checkpoint this run starts from, and whether it continues a run in --output_dir.
 
     With --resume_from_checkpoint the run's own checkpoints win (ckpt_<resume_step>.pt, else the newest), so a
@@ -134,7 +136,7 @@ def find_resume_checkpoint(args: argparse.Namespace, manager: utils.CheckpointMa
 
 
 def restore(path: Path, continuing: bool, args: argparse.Namespace, parts: utils.TrainParts,
-            state: utils.TrainState, manager: utils.CheckpointManager) -> Optional[dict]:
+            state: utils.TrainState, manager: utils.CheckpointManager) -> dict | None:
     """Load a checkpoint into the run. Returns the saved data-loader position when continuing the same phase.
 
     * this run's own checkpoint of the same phase: everything is restored, strictly;
@@ -240,7 +242,7 @@ def train(args: argparse.Namespace, run: utils.Run) -> None:
                                       "final_loss": result.final_loss, "raw_train_time": result.train_time})
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     return utils.run_job("run_pretraining.py", args, check_arguments, lambda run: train(args, run),
                          json_summary=args.json_summary)

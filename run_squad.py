@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ class EvalScriptError(RuntimeError):
     """--eval_script failed or printed something other than a JSON object of metrics."""
 
 
-def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     """All flags in one block, with the reference's names and defaults."""
     parser = argparse.ArgumentParser(description=__doc__)
     required = parser.add_argument_group("required")
@@ -190,7 +190,7 @@ def qa_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, start_position
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def cache_path(args: argparse.Namespace) -> Optional[Path]:
+def cache_path(args: argparse.Namespace) -> Path | None:
     """The reference's cache name ``<train_file>_<bert_model>_<max_seq>_<stride>_<max_query>``, plus ``.pt``
     (tensors, not a pickle), in --cache_dir or beside --train_file; None with --skip_cache."""
     if args.skip_cache:
@@ -367,7 +367,7 @@ def execute(args: argparse.Namespace, run: utils.Run) -> None:
     run.dllog.log(step=tuple(), data=summary)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     return utils.run_job("run_squad.py", args, check_arguments, lambda run: execute(args, run),
                          json_summary=args.json_summary, errors=(EvalScriptError,))

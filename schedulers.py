@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -135,7 +135,7 @@ class LinearWarmUpScheduler(_WarmUpScheduler):
 
 
 class ConstantWarmUpScheduler(_WarmUpScheduler):
-    """Linear warm-up, then constant.
+    """Linear warm-up, then constant. Kept for reference parity (the entry scripts use poly and linear).
 
     Returns (writes) the lr for the next update: the k-th update uses `base_lr * warmup_constant(k / total_steps)`.
     """
@@ -149,6 +149,7 @@ class ConstantWarmUpScheduler(_WarmUpScheduler):
 
 class CosineWarmUpScheduler(_WarmUpScheduler):
     """Linear warm-up, then half-cosine decay to 0 (corrected; see `warmup_cosine` for the reference's quirk).
+    Kept for reference parity (the entry scripts use poly and linear).
 
     Returns (writes) the lr for the next update: the k-th update uses `base_lr * warmup_cosine(k / total_steps)`.
     """
@@ -161,7 +162,8 @@ class CosineWarmUpScheduler(_WarmUpScheduler):
 
 
 class ConstantLR(_WarmUpScheduler):
-    """The base learning rate at every step (reference `ConstantLR`); `total_steps` only sizes the progress."""
+    """The base learning rate at every step; `total_steps` only sizes the progress. Kept for reference parity
+    (its `ConstantLR`)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int = 1, last_epoch: int = -1) -> None:
         _check(0.0, total_steps)

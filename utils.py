@@ -15,10 +15,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -407,7 +408,7 @@ def log_config(logger: Any, args: Any) -> None:
     logger.log(step="PARAMETER", data={"Config": [json.dumps(config, default=str, sort_keys=True)]})
 
 
-def progress_bar(iterable: Optional[Iterable] = None, total: Optional[int] = None, disable: bool = False,
+def progress_bar(iterable: Iterable | None = None, total: int | None = None, disable: bool = False,
                  desc: str = "", initial: int = 0) -> Any:
     """A tqdm bar on the main process only (and never when disabled)."""
     from tqdm.auto import tqdm
@@ -430,7 +431,7 @@ _PEAK_FLOPS = [  # (substring of torch.cuda.get_device_name, half-precision peak
 ]
 
 
-def peak_flops(device: torch.device, precision: Precision) -> Optional[float]:
+def peak_flops(device: torch.device, precision: Precision) -> float | None:
     """Peak FLOP/s of the device for this precision, or None when unknown (CPUs: MFU is reported as n/a)."""
     if device.type != "cuda":
         return None
@@ -509,7 +510,7 @@ class TrainParts:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
-    flops_per_batch: Optional[Callable[[Batch], float]] = None  # training FLOPs of one micro-batch, for TFLOPs/MFU
+    flops_per_batch: Callable[[Batch], float] | None = None  # training FLOPs of one micro-batch, for TFLOPs/MFU
 
 
 @dataclass
@@ -518,7 +519,7 @@ class LoopConfig:
 
     max_steps: int  # stop when ``state.step`` reaches this
     gradient_accumulation_steps: int = 1
-    max_grad_norm: Optional[float] = 1.0  # clip to this total norm; None when the optimizer clips itself (LAMB)
+    max_grad_norm: float | None = 1.0  # clip to this total norm; None when the optimizer clips itself (LAMB)
     log_freq: int = 1  # one log record every N optimizer steps
     progress: bool = True  # a tqdm bar on rank 0
     allreduce_post_accumulation: bool = True  # DDP all-reduces only in the last micro-batch's backward
@@ -574,7 +575,7 @@ class StepOutcome:
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, parameters: list[torch.Tensor],
-                   max_grad_norm: Optional[float], loss: torch.Tensor) -> StepOutcome:
+                   max_grad_norm: float | None, loss: torch.Tensor) -> StepOutcome:
     """Unscale, measure the total gradient norm, clip, then step only if the loss and the norm are finite.
 
     The norm is measured whatever the optimizer (LAMB clips inside itself, so ``max_grad_norm`` is None for it), so
@@ -617,7 +618,7 @@ class Metrics:
     ``record`` builds the log record (the one place ``.item()`` syncs the device) and resets the window.
     """
 
-    def __init__(self, run_env: RunEnv, precision: Precision, flops_per_batch: Optional[Callable[[Batch], float]],
+    def __init__(self, run_env: RunEnv, precision: Precision, flops_per_batch: Callable[[Batch], float] | None,
                  timing_warmup_steps: int = 1) -> None:
         self.device, self.world_size = run_env.device, run_env.world_size
         self.peak = peak_flops(run_env.device, precision)
@@ -626,7 +627,7 @@ class Metrics:
         self.window, self.timed, self.total = _Meter(), _Meter(), _Meter()
         self.steps = 0
         self.loss_sum = torch.zeros((), device=run_env.device)
-        self.last_loss: Optional[torch.Tensor] = None
+        self.last_loss: torch.Tensor | None = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -676,8 +677,8 @@ class Metrics:
                            stopped_early=stopped_early)
 
 
-def train_loop(run: Run, parts: TrainParts, data: BatchSource, loop: LoopConfig, state: Optional[TrainState] = None,
-               on_step: Optional[Callable[[TrainState], bool]] = None) -> TrainResult:
+def train_loop(run: Run, parts: TrainParts, data: BatchSource, loop: LoopConfig, state: TrainState | None = None,
+               on_step: Callable[[TrainState], bool] | None = None) -> TrainResult:
     """Take optimizer steps until ``state.step == loop.max_steps`` (or the data ends, or ``on_step`` says stop).
 
     A step is ``gradient_accumulation_steps`` micro-batches through ``forward_backward``, the data-parallel mean
@@ -784,7 +785,7 @@ class CheckpointManager:
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := self.pattern.match(p.name))]
         return sorted(found)
 
-    def latest(self) -> Optional[Path]:
+    def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
         found = self.checkpoints()
         return found[-1][1] if found else None
@@ -848,7 +849,7 @@ class Checkpointer:
                  interval: int, step_offset: int = 0, enabled: bool = True) -> None:
         self.run, self.manager, self.state_fn = run, manager, state_fn
         self.interval, self.step_offset, self.enabled = interval, step_offset, enabled
-        self.saved_step: Optional[int] = None
+        self.saved_step: int | None = None
         self.preemption = PreemptionFlag()
 
     def save(self, state: TrainState) -> None:
@@ -893,7 +894,7 @@ def steps_per_epochs(num_examples: int, micro_batch: int, world_size: int, gradi
     return max(1, int(micro_batches * epochs) // gradient_accumulation_steps)
 
 
-def cached_features(path: Optional[Path], key: str, build: Callable[[], dict[str, Any]],
+def cached_features(path: Path | None, key: str, build: Callable[[], dict[str, Any]],
                     run_env: RunEnv) -> dict[str, Any]:
     """Tokenized features from the cache file ``path`` when its ``key`` matches, else ``build()`` them (and cache).
 
@@ -902,7 +903,7 @@ def cached_features(path: Optional[Path], key: str, build: Callable[[], dict[str
     after a barrier. Failing to write it (a read-only data folder) is a warning, not an error. ``path`` None: no
     cache.
     """
-    def read() -> Optional[dict[str, Any]]:
+    def read() -> dict[str, Any] | None:
         if path is None or not path.is_file():
             return None
         try:
@@ -1004,7 +1005,7 @@ def report_error(script: str, exc: BaseException) -> int:
 
 
 def run_job(script: str, args: Any, check: Callable[[Any, int], None], body: Callable[[Run], None], *,
-            json_summary: Optional[str | os.PathLike], errors: tuple[type[BaseException], ...] = ()) -> int:
+            json_summary: str | os.PathLike | None, errors: tuple[type[BaseException], ...] = ()) -> int:
     """Set up a run, check its flags, run ``body`` and turn user errors into one line and exit status 1.
 
     In order: ``--local_rank`` to ``LOCAL_RANK`` (torch.distributed.launch), distributed setup, Python logging,

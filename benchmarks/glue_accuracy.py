@@ -63,8 +63,8 @@ def glue_args(model_dir: Path, data_dir: Path, task: str, out: Path, cache: Path
             "--config_file", str(model_dir / "config.json"), "--do_lower_case", "--do_train", "--do_eval",
             "--max_seq_length", str(opts.max_seq_length), "--train_batch_size", str(opts.batch_size),
             "--eval_batch_size", "64", "--learning_rate", str(opts.learning_rate), "--num_train_epochs", str(epochs),
-            "--warmup_proportion", "0.1", "--max_steps", str(max_steps), "--seed", str(seed), "--skip_checkpoint", "--features_cache_dir",
-            str(cache), "--disable_progress_bar", "--log_freq", "1000000"]
+            "--warmup_proportion", "0.1", "--max_steps", str(max_steps), "--seed", str(seed), "--skip_checkpoint",
+            "--features_cache_dir", str(cache), "--disable_progress_bar", "--log_freq", "1000000"]
     if opts.bf16:
         argv.append("--bf16")
     if opts.no_cuda:

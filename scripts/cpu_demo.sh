@@ -4,8 +4,16 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export RESULTS_DIR=${RESULTS_DIR:-$PWD/results/cpu_demo}
-rm -rf "$RESULTS_DIR"
+# Start clean, but delete only a folder an earlier demo made (it holds the marker), never a user's folder.
+if [ -n "$(ls -A "$RESULTS_DIR" 2>/dev/null)" ]; then
+  if [ ! -f "$RESULTS_DIR/.cpu_demo" ]; then
+    echo "cpu_demo.sh: error: RESULTS_DIR $RESULTS_DIR is not empty and was not made by this demo" >&2
+    exit 1
+  fi
+  rm -rf "$RESULTS_DIR"
+fi
 mkdir -p "$RESULTS_DIR"
+touch "$RESULTS_DIR/.cpu_demo"
 
 bash scripts/run_pretraining.sh $(source scripts/configs/pretrain_config.sh && cpu_demo)
 ckpt=$(ls "$RESULTS_DIR"/checkpoints/ckpt_*.pt | sort -t_ -k2 -n | tail -n 1)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, shared_path
+
 from data import glue
 
 # ---------------------------------------------------------------------------------------------------------------

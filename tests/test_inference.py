@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, shared_path
 
 import inference
 import run_squad
-from conftest import REPO, shared_path
 from modeling import BertConfig, BertForQuestionAnswering, BertModel
 
 VOCAB = REPO / "vocab" / "vocab"

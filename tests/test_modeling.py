@@ -59,7 +59,7 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> None:
             param.copy_(1 + 5 * noise if name.endswith("LayerNorm.weight") else noise)
 
 
-def hf_config(config_path: Path) -> "transformers.BertConfig":
+def hf_config(config_path: Path) -> transformers.BertConfig:
     values = json.loads(Path(config_path).read_text())
     return transformers.BertConfig(**values, attn_implementation="eager")
 

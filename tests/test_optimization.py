@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from optimization import (FINETUNING_NO_DECAY, OPTIMIZERS, BertAdam, Lamb, build_optimizer, param_groups)
+from optimization import FINETUNING_NO_DECAY, OPTIMIZERS, BertAdam, Lamb, build_optimizer, param_groups
 
 SHAPES = [(5, 3), (7,), (4, 6), (6,)]  # two matrices (decayed group) and two vectors (no-decay group)
 

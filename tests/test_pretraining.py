@@ -148,7 +148,7 @@ def _worker(tmp_path: Path, name: str, nproc: int, accumulation: int, global_bat
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "tests/ddp_pretrain_worker.py"] if nproc > 1 else [sys.executable, "tests/ddp_pretrain_worker.py"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    for attempt in range(2):  # one retry: a torchrun rendezvous can fail to start on a loaded 2-core machine
+    for _ in range(2):  # one retry: a torchrun rendezvous can fail to start on a loaded 2-core machine
         run = subprocess.run([*cmd, "--out", str(out), "--accumulation", str(accumulation), "--global_batch",
                               str(global_batch)], cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
                              text=True, timeout=300)

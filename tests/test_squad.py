@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, shared_path
 
 import run_squad
-from conftest import REPO, shared_path
 from data import squad
 from modeling import BertConfig, BertModel
 from tokenization import BertTokenizer
