@@ -2,22 +2,26 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import logging
 import os
+import re
+import secrets
 import shutil
 import tarfile
 import tempfile
 import time
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Optional
 from urllib.parse import unquote, urlparse
 
 if TYPE_CHECKING:  # torch is imported where used: Dask workers that only tokenize never pay for it
     import torch
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
+"""A filesystem path: a ``str`` or any ``os.PathLike`` such as ``pathlib.Path``; the one alias the project uses."""
 
 logger = logging.getLogger(__name__)
 
@@ -26,30 +30,97 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or of the wrong kind; the message names the file."""
 
 
-_UMASK = os.umask(0o022)  # read the process umask once (os.umask can only be read by setting it) ...
-os.umask(_UMASK)  # ... and put it back
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[0-9a-f]{8}\.tmp$")  # atomic_path's .<target name>.<random>.tmp
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary file beside ``path`` and rename it over ``path`` only if the block succeeds.
+def atomic_path(target: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` if the block succeeds, else remove it.
 
-    Readers therefore see either the old complete file or the new complete file, never a partial one.
+    The temporary file is ``.<target name>.<8 hex digits>.tmp`` in ``target``'s folder: hidden, and on the same
+    filesystem, so the rename is atomic and readers see either the old complete ``target`` or the new complete one,
+    never a partial file. It exists (empty) when the block starts; write it with anything that takes a path (h5py,
+    pyarrow, ``open``). Its data is flushed to disk before the rename. Any exception in the block, KeyboardInterrupt
+    included, removes it and propagates; only a process killed outright leaves it behind, for
+    :func:`remove_stale_temp_files`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the result the usual permissions
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _create_temp_file(target)
     try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "wb", *, encoding: Optional[str] = None,
+                 newline: Optional[str] = None) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path`` (:func:`atomic_path`) and rename it over ``path`` only if the block
+    succeeds; ``mode``, ``encoding`` and ``newline`` are those of :func:`open`.
+
+    Readers therefore see either the old complete file or the new complete file, never a partial one.
+    """
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding, newline=newline) as handle:
+        yield handle
+
+
+def remove_stale_temp_files(folder: PathLike, target_glob: str = "*") -> list[Path]:
+    """Delete the temporary files of :func:`atomic_path` / :func:`atomic_write` left in ``folder`` by killed runs.
+
+    Only regular files named ``.<target>.<8 hex digits>.tmp`` whose ``<target>`` matches ``target_glob`` (``fnmatch``
+    syntax, e.g. ``"ckpt_*.pt"``) are removed. A write in progress has such a name too: call this only when no other
+    process writes into ``folder`` (e.g. at start-up, before any writer runs). A missing folder holds nothing.
+
+    Returns:
+        The paths removed, sorted.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        target = _temp_target(entry.name)
+        if target is None or not fnmatch.fnmatchcase(target, target_glob):
+            continue
+        if entry.is_symlink() or not entry.is_file():
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
+        logger.info("removed stale temporary file %s", entry)
+        removed.append(entry)
+    return removed
+
+
+def _create_temp_file(target: Path) -> Path:
+    """Create an empty ``.<target name>.<8 hex digits>.tmp`` beside ``target`` (a name no one else holds)."""
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            # 0o666 less the umask: the permissions of any new file (mkstemp would give 0o600).
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _temp_target(name: str) -> Optional[str]:
+    """The target name of a temporary file named by :func:`atomic_path`, or None for any other name."""
+    match = _TEMP_NAME.match(name)
+    return match.group("target") if match else None
+
+
+def _fsync(path: Path) -> None:
+    """Flush a closed file's data to disk, so that a rename never makes an incompletely stored file visible."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(obj: Any, path: PathLike) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import socket
 import tarfile
@@ -21,11 +22,13 @@ from file_utils import (
     CheckpointError,
     DownloadError,
     UnsafeArchiveError,
+    atomic_path,
     atomic_write,
     cached_path,
     download_file,
     load_checkpoint,
     load_state_dict_file,
+    remove_stale_temp_files,
     safe_extract,
     save_checkpoint,
     sha256sum,
@@ -142,6 +145,47 @@ def test_atomic_write_leaves_old_file_on_error(tmp_path: Path) -> None:
             raise RuntimeError("boom")
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_atomic_path_failure_leaves_neither_target_nor_temporary(tmp_path: Path, error: BaseException) -> None:
+    target = tmp_path / "out" / "shard.h5"
+    with pytest.raises(type(error)):
+        with atomic_path(target) as tmp:
+            assert tmp.parent == target.parent and tmp.name.startswith(".shard.h5.") and tmp.name.endswith(".tmp")
+            tmp.write_bytes(b"half a file")
+            raise error
+    assert list(target.parent.iterdir()) == []
+
+
+def test_atomic_path_success_renames_onto_the_target(tmp_path: Path) -> None:
+    target = tmp_path / "shard.parquet"
+    target.write_bytes(b"old")
+    with atomic_path(target) as tmp:
+        assert tmp.exists() and target.read_bytes() == b"old"  # the old file stays until the block succeeds
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and list(tmp_path.iterdir()) == [target]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # the permissions of a plainly created file
+
+
+def test_remove_stale_temp_files_only_removes_matching_temporaries(tmp_path: Path) -> None:
+    keep = [tmp_path / name for name in ("ckpt_1.pt", ".hidden", ".ckpt_1.pt.tmp", ".ckpt_1.pt.12345.tmp", "x.tmp",
+                                         ".ckpt.pt.ab12cd34.old")]
+    for path in keep:
+        path.write_bytes(b"")
+    stale = [tmp_path / ".ckpt_1.pt.ab12cd34.tmp", tmp_path / ".ckpt_2.pt.0123abcd.tmp"]
+    other = tmp_path / "..num_samples.json.99aa88bb.tmp"
+    for path in [*stale, other]:
+        path.write_bytes(b"partial")
+    (tmp_path / ".ckpt_3.pt.abcdef01.tmp").mkdir()  # not a file: left alone
+    assert remove_stale_temp_files(tmp_path, "ckpt_*.pt") == sorted(stale)
+    assert remove_stale_temp_files(tmp_path) == [other]
+    assert all(path.exists() for path in keep) and (tmp_path / ".ckpt_3.pt.abcdef01.tmp").is_dir()
+    assert remove_stale_temp_files(tmp_path / "missing") == []
+    with atomic_write(tmp_path / "ckpt_4.pt") as handle:  # the name a killed writer would leave is matched
+        assert file_utils._temp_target(Path(handle.name).name) == "ckpt_4.pt"
 
 
 def test_checkpoint_round_trip_and_clear_errors(tmp_path: Path) -> None:
