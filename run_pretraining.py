@@ -206,7 +206,9 @@ def train(args: argparse.Namespace, run: utils.Run) -> None:
                       vocab_file=args.vocab_file)
     parts = build_parts(args, run, config)
     state = utils.TrainState()
-    manager = utils.CheckpointManager(args.output_dir, keep=args.keep_checkpoints, logger=run.dllog)
+    manager = utils.CheckpointManager(args.output_dir, keep=args.keep_checkpoints, dllog=run.dllog)
+    if run.is_main:
+        manager.remove_stale_temporaries()
     start, continuing = find_resume_checkpoint(args, manager)
     data_state = restore(start, continuing, args, parts, state, manager) if start is not None else None
     micro_batch = args.train_batch_size // args.gradient_accumulation_steps

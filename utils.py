@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from file_utils import CheckpointError, load_checkpoint, save_checkpoint
+from file_utils import CheckpointError, PathLike, load_checkpoint, remove_stale_temp_files, save_checkpoint
 
 Precision = Literal["fp32", "fp16", "bf16"]
 Batch = dict[str, torch.Tensor]
@@ -75,7 +75,6 @@ class RunEnv:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    distributed: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -123,12 +122,11 @@ def setup_distributed(no_cuda: bool = False) -> RunEnv:
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    distributed = world_size > 1
-    if distributed and not dist.is_initialized():
+    if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
                                 timeout=_dt.timedelta(minutes=30),
                                 device_id=device if use_cuda else None)
-    return RunEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device, distributed=distributed)
+    return RunEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
 def cleanup_distributed() -> None:
@@ -304,7 +302,7 @@ def _plain(value: Any) -> Any:
 class JSONStreamBackend:
     """Writes dllogger's ``DLLL {json}`` lines (one per record) to a file."""
 
-    def __init__(self, verbosity: int, filename: str | os.PathLike, append: bool = False) -> None:
+    def __init__(self, verbosity: int, filename: PathLike, append: bool = False) -> None:
         self.verbosity = verbosity
         Path(filename).parent.mkdir(parents=True, exist_ok=True)
         self._file = open(filename, "a" if append else "w", encoding="utf-8")
@@ -376,7 +374,7 @@ class Logger:
             backend.flush()
 
 
-def setup_logger(json_path: str | os.PathLike | None, enabled: bool | None = None) -> Any:
+def setup_logger(json_path: PathLike | None, enabled: bool | None = None) -> Any:
     """Rank 0 logs to the ``--json-summary`` file and stdout; other ranks get a logger with no backends.
 
     When NVIDIA's ``dllogger`` package is installed it is used (same records, same format); otherwise this
@@ -402,10 +400,10 @@ def setup_logger(json_path: str | os.PathLike | None, enabled: bool | None = Non
     return Logger(backends)
 
 
-def log_config(logger: Any, args: Any) -> None:
+def log_config(dllog: Any, args: Any) -> None:
     """Record the resolved run configuration once, as the reference's ``PARAMETER`` records."""
     config = vars(args) if not isinstance(args, dict) else args
-    logger.log(step="PARAMETER", data={"Config": [json.dumps(config, default=str, sort_keys=True)]})
+    dllog.log(step="PARAMETER", data={"Config": [json.dumps(config, default=str, sort_keys=True)]})
 
 
 def progress_bar(iterable: Iterable | None = None, total: int | None = None, disable: bool = False,
@@ -771,12 +769,12 @@ class CheckpointManager:
 
     pattern = re.compile(r"^ckpt_(\d+)\.pt$")
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 3, logger: Any = None) -> None:
+    def __init__(self, directory: PathLike, keep: int = 3, dllog: Any = None) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = Path(directory)
         self.keep = keep
-        self.logger = logger or Logger()
+        self.dllog = dllog or Logger()
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """(step, path) of every complete checkpoint, oldest first."""
@@ -790,6 +788,10 @@ class CheckpointManager:
         found = self.checkpoints()
         return found[-1][1] if found else None
 
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files of saves that a killed run left (call on rank 0 before the first save)."""
+        return remove_stale_temp_files(self.directory, "ckpt_*.pt")
+
     def path_for(self, step: int) -> Path:
         return self.directory / f"ckpt_{step}.pt"
 
@@ -801,16 +803,16 @@ class CheckpointManager:
         for _, old in self.checkpoints()[:-self.keep]:
             if old != path:
                 old.unlink(missing_ok=True)
-        self.logger.log(step="PARAMETER", data={"checkpoint_step": step,
-                                                "checkpoint_save_seconds": time.perf_counter() - start})
+        self.dllog.log(step="PARAMETER", data={"checkpoint_step": step,
+                                               "checkpoint_save_seconds": time.perf_counter() - start})
         return path
 
-    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+    def load(self, path: PathLike) -> dict[str, Any]:
         """Read a checkpoint with ``weights_only=True``; errors name the file."""
         start = time.perf_counter()
         state = load_checkpoint(path)
-        self.logger.log(step="PARAMETER", data={"checkpoint_loaded": str(path),
-                                                "checkpoint_load_seconds": time.perf_counter() - start})
+        self.dllog.log(step="PARAMETER", data={"checkpoint_loaded": str(path),
+                                               "checkpoint_load_seconds": time.perf_counter() - start})
         return state
 
 
@@ -921,6 +923,7 @@ def cached_features(path: Path | None, key: str, build: Callable[[], dict[str, A
         features = build()
         if path is not None:
             try:
+                remove_stale_temp_files(path.parent, path.name)
                 save_checkpoint({"key": key, "features": features}, path)
             except OSError as exc:
                 log.warning("could not write the features cache %s (%s); continuing without it", path, exc)
@@ -930,7 +933,7 @@ def cached_features(path: Path | None, key: str, build: Callable[[], dict[str, A
     return features
 
 
-def save_finetuned(run: Run, model: nn.Module, output_dir: str | os.PathLike, skip: bool = False) -> None:
+def save_finetuned(run: Run, model: nn.Module, output_dir: PathLike, skip: bool = False) -> None:
     """Write the fine-tuned model (``config.json`` + ``pytorch_model.bin``) from rank 0, unless ``skip``."""
     if run.is_main and not skip:
         unwrap_model(model).save_pretrained(output_dir)
@@ -1005,7 +1008,7 @@ def report_error(script: str, exc: BaseException) -> int:
 
 
 def run_job(script: str, args: Any, check: Callable[[Any, int], None], body: Callable[[Run], None], *,
-            json_summary: str | os.PathLike | None, errors: tuple[type[BaseException], ...] = ()) -> int:
+            json_summary: PathLike | None, errors: tuple[type[BaseException], ...] = ()) -> int:
     """Set up a run, check its flags, run ``body`` and turn user errors into one line and exit status 1.
 
     In order: ``--local_rank`` to ``LOCAL_RANK`` (torch.distributed.launch), distributed setup, Python logging,

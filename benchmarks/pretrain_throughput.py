@@ -1,6 +1,10 @@
 """Pre-training step throughput: this project's BertForPreTraining vs transformers', same config, batch, masked
 positions and LAMB step, each measured in a fresh process so peak memory is its own.
 
+Ours runs through ``utils.train_loop``, the path run_pretraining.py takes (gradient-norm measurement and the
+finite check included); transformers' model runs a bare forward/backward/LAMB step, so any loop overhead counts
+against ours.
+
     python benchmarks/pretrain_throughput.py                      # CPU: tiny, small and base, fp32 and bf16
     python benchmarks/pretrain_throughput.py --configs large --precisions bf16 --batch_size 256   # one GPU
 
@@ -15,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -74,6 +79,16 @@ def measure(impl: str, config_name: str, precision: str, batch_size: int, seq_le
     if compile:
         model = torch.compile(model)
     optimizer = build_optimizer("lamb", param_groups(model, weight_decay=0.01), lr=1e-4, device=device)
+    if impl == "ours":
+        run = utils.Run(utils.RunEnv(device=device), precision, utils.Logger())
+        parts = utils.TrainParts(model, lambda net, b: loss_fn(), optimizer,
+                                 torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                                 utils.make_grad_scaler(precision, device))
+        loop = utils.LoopConfig(max_steps=warmup + steps, max_grad_norm=None, progress=False,
+                                timing_warmup_steps=warmup)
+        result = utils.train_loop(run, parts, utils.IteratorBatches(iter(lambda: batch, None)), loop)
+        return report(impl, config_name, precision, batch_size, seq_len, masked, config, device,
+                      result.sequences_per_second)
     ctx = utils.autocast(precision, device)
 
     def step() -> torch.Tensor:
@@ -96,7 +111,17 @@ def measure(impl: str, config_name: str, precision: str, batch_size: int, seq_le
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    seqs = batch_size * steps / elapsed
+    return report(impl, config_name, precision, batch_size, seq_len, masked, config, device,
+                  batch_size * steps / elapsed)
+
+
+def report(impl: str, config_name: str, precision: str, batch_size: int, seq_len: int, masked: int, config: Any,
+           device: Any, seqs: float) -> dict:
+    """One measurement's record: throughput, MFU (GPU only) and peak memory."""
+    import torch
+
+    import utils
+
     flops = utils.bert_flops_per_sequence(config, seq_len, masked_tokens=masked) * seqs
     peak = utils.peak_flops(device, precision)
     return {"impl": impl, "config": config_name, "precision": precision, "batch_size": batch_size,

@@ -98,7 +98,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(shards, tmp_path):
     assert run_pretraining.main(_args(shards["train"], split, *common, "--steps_this_run", "3")) == 0
     first = _losses(split / "dllogger.json")
     assert sorted(first) == [1, 2, 3]
+    stale, other = split / ".ckpt_4.pt.0123abcd.tmp", split / ".notes.txt.0123abcd.tmp"  # as a kill -9 leaves
+    stale.write_bytes(b"half a checkpoint")
+    other.write_bytes(b"not ours")
     assert run_pretraining.main(_args(shards["train"], split, *common, "--resume_from_checkpoint")) == 0
+    assert not stale.exists() and other.exists()
     resumed = {**first, **_losses(split / "dllogger.json")}
     assert resumed == _losses(full / "dllogger.json")  # identical losses, step by step
     a, b = load_checkpoint(full / "ckpt_6.pt"), load_checkpoint(split / "ckpt_6.pt")
