@@ -13,8 +13,9 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 if TYPE_CHECKING:  # torch is imported where used: Dask workers that only tokenize never pay for it
@@ -58,8 +59,8 @@ def atomic_path(target: PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "wb", *, encoding: Optional[str] = None,
-                 newline: Optional[str] = None) -> Iterator[IO[Any]]:
+def atomic_write(path: PathLike, mode: str = "wb", *, encoding: str | None = None,
+                 newline: str | None = None) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path`` (:func:`atomic_path`) and rename it over ``path`` only if the block
     succeeds; ``mode``, ``encoding`` and ``newline`` are those of :func:`open`.
 
@@ -108,7 +109,7 @@ def _create_temp_file(target: Path) -> Path:
             continue
 
 
-def _temp_target(name: str) -> Optional[str]:
+def _temp_target(name: str) -> str | None:
     """The target name of a temporary file named by :func:`atomic_path`, or None for any other name."""
     match = _TEMP_NAME.match(name)
     return match.group("target") if match else None
@@ -224,9 +225,9 @@ def is_remote(url_or_path: PathLike) -> bool:
 
 def cached_path(
     url_or_path: PathLike,
-    cache_dir: Optional[PathLike] = None,
-    sha256: Optional[str] = None,
-    md5: Optional[str] = None,
+    cache_dir: PathLike | None = None,
+    sha256: str | None = None,
+    md5: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Return a local path for a local file or a URL, downloading a URL only the first time.
@@ -258,8 +259,8 @@ def download_file(
     url_or_path: PathLike,
     dest: PathLike,
     *,
-    sha256: Optional[str] = None,
-    md5: Optional[str] = None,
+    sha256: str | None = None,
+    md5: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Fetch one file to exactly ``dest`` and return ``dest``; a rerun resumes where an interrupted one stopped.
@@ -328,7 +329,7 @@ def _discard_partial(partial: Path) -> None:
     _validator_file(partial).unlink(missing_ok=True)
 
 
-def _verify(path: Path, sha256: Optional[str], md5: Optional[str], *, source: str, delete: bool) -> None:
+def _verify(path: Path, sha256: str | None, md5: str | None, *, source: str, delete: bool) -> None:
     """Raise :class:`ChecksumError` unless ``path`` has the given digests; with ``delete`` remove it first."""
     expected = {name: value.lower() for name, value in (("sha256", sha256), ("md5", md5)) if value}
     if not expected:
@@ -350,7 +351,7 @@ def _verify(path: Path, sha256: Optional[str], md5: Optional[str], *, source: st
 def _fetch_with_retries(url: str, partial: Path, progress: bool) -> None:
     """Run the fetcher for ``url``'s scheme, retrying transient failures a couple of times, then fail clearly."""
     fetch: Callable[[str, Path, bool], None] = _fetch_s3 if url.startswith("s3://") else _fetch_http
-    last: Optional[_Transient] = None
+    last: _Transient | None = None
     for attempt in range(RETRIES + 1):
         if attempt:
             logger.warning("download of %s failed (%s); retry %d of %d", url, last, attempt, RETRIES)
@@ -372,7 +373,7 @@ def _fetch_with_retries(url: str, partial: Path, progress: bool) -> None:
     )
 
 
-def _stream_to(partial: Path, chunks: Iterator[bytes], start: int, total: Optional[int], desc: str,
+def _stream_to(partial: Path, chunks: Iterator[bytes], start: int, total: int | None, desc: str,
                progress: bool) -> None:
     """Append (``start`` > 0) or write ``chunks`` to ``partial`` with a progress bar; check the final size."""
     from tqdm.auto import tqdm
@@ -393,7 +394,7 @@ def _stream_to(partial: Path, chunks: Iterator[bytes], start: int, total: Option
         raise _Transient(f"connection closed after {size} of {total} bytes")
 
 
-def _content_range(header: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+def _content_range(header: str | None) -> tuple[int | None, int | None]:
     """``bytes 100-199/1000`` -> (100, 1000); ``bytes */1000`` -> (None, 1000); unknown parts are None."""
     if not header or not header.startswith("bytes "):
         return None, None
@@ -544,7 +545,7 @@ def safe_extract(archive: PathLike, dest: PathLike, *, overwrite: bool = False) 
     return dest
 
 
-def _check_member(archive: Path, name: str, link: Optional[str] = None, hardlink: bool = False) -> None:
+def _check_member(archive: Path, name: str, link: str | None = None, hardlink: bool = False) -> None:
     """Raise :class:`UnsafeArchiveError` if member ``name`` (or the ``link`` target it points to) leaves the root."""
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or (len(name) > 1 and name[1] == ":") or ".." in path.parts:

@@ -3,20 +3,16 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import re
 import unicodedata
 from collections.abc import Container, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Optional, Union
 
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 
-from file_utils import atomic_write
+from file_utils import PathLike, atomic_write
 
 logger = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 VOCAB_NAME = "vocab.txt"
 UNK_TOKEN = "[UNK]"
@@ -24,7 +20,7 @@ UNK_TOKEN = "[UNK]"
 SPECIAL_TOKENS = ("[UNK]", "[SEP]", "[PAD]", "[CLS]", "[MASK]")
 
 
-def load_vocab(vocab_file: PathLike) -> "collections.OrderedDict[str, int]":
+def load_vocab(vocab_file: PathLike) -> collections.OrderedDict[str, int]:
     """Read a WordPiece vocabulary: one token per line, the token's id is its 0-based line number.
 
     As in the reference, each line is stripped of surrounding whitespace, and when a token occurs twice the later
@@ -59,7 +55,10 @@ def load_vocab(vocab_file: PathLike) -> "collections.OrderedDict[str, int]":
 
 
 def whitespace_tokenize(text: str) -> list[str]:
-    """Split ``text`` on runs of whitespace (``str.split``); an empty or blank string gives ``[]``."""
+    """Split ``text`` on runs of whitespace (``str.split``); an empty or blank string gives ``[]``.
+
+    Kept under the reference's name for parity with its API; new code can call ``text.split()``.
+    """
     return text.split()
 
 
@@ -137,7 +136,7 @@ class BasicTokenizer:
         tokenize_chinese_chars: put every CJK ideograph in a token of its own.
     """
 
-    def __init__(self, do_lower_case: bool = True, never_split: Optional[Iterable[str]] = None,
+    def __init__(self, do_lower_case: bool = True, never_split: Iterable[str] | None = None,
                  tokenize_chinese_chars: bool = True) -> None:
         self.do_lower_case = do_lower_case
         self.never_split = frozenset(SPECIAL_TOKENS if never_split is None else never_split)
@@ -223,7 +222,8 @@ class BertTokenizer:
     ``never_split`` tokens (default: BERT's special tokens) are cut out of the text wherever they occur,
     case-sensitively, before anything else, and kept whole: "the [MASK]." -> ["the", "[MASK]", "."]. This is what
     HF ``transformers`` and ``tokenizers`` do; the reference only spared them as whitespace-delimited words (it gives
-    "[", "mask", "]", "." there). A ``never_split`` token outside the vocabulary goes through WordPiece as written (not lower-cased).
+    "[", "mask", "]", "." there). A ``never_split`` token outside the vocabulary goes through WordPiece as written
+    (not lower-cased).
 
     ``tokenize`` is the pure-Python path; ``batch_tokenize``/``batch_encode`` run many texts through the Rust
     ``tokenizers`` library on all cores and give identical output (see ``_batch``).
@@ -232,12 +232,13 @@ class BertTokenizer:
         vocab_file: vocabulary file, one token per line.
         do_lower_case: lower-case and strip accents (True for uncased models).
         never_split: tokens never lower-cased or split; ``None`` means BERT's special tokens.
-        max_len: ``convert_tokens_to_ids`` raises ``ValueError`` for longer sequences (default: no limit).
+        max_len: ``convert_tokens_to_ids`` and ``batch_encode`` raise ``ValueError`` for longer sequences (default: no
+            limit). Kept for parity with the reference's API; the project's scripts do not set it.
         tokenize_chinese_chars: put every CJK ideograph in a token of its own.
     """
 
-    def __init__(self, vocab_file: PathLike, do_lower_case: bool = True, never_split: Optional[Iterable[str]] = None,
-                 max_len: Optional[int] = None, tokenize_chinese_chars: bool = True) -> None:
+    def __init__(self, vocab_file: PathLike, do_lower_case: bool = True, never_split: Iterable[str] | None = None,
+                 max_len: int | None = None, tokenize_chinese_chars: bool = True) -> None:
         self.vocab_file = str(vocab_file)
         self.vocab = load_vocab(vocab_file)
         if UNK_TOKEN not in self.vocab:
@@ -259,14 +260,15 @@ class BertTokenizer:
         )
         # never_split tokens outside the vocabulary have no Rust counterpart: texts holding one take the Python path.
         self._oov_never_split = tuple(t for t in self.never_split if t not in self.vocab)
-        self._fast: Optional[Tokenizer] = None
+        self._fast: Tokenizer | None = None
         self._char_is_safe: dict[str, bool] = {}
 
     @classmethod
-    def from_pretrained(cls, path: PathLike, **kwargs) -> "BertTokenizer":
+    def from_pretrained(cls, path: PathLike, **kwargs) -> BertTokenizer:
         """Load from a vocabulary file or from a folder that holds ``vocab.txt``; ``kwargs`` go to the constructor.
 
-        Nothing is downloaded: model names such as "bert-base-uncased" are not resolved.
+        Nothing is downloaded: model names such as "bert-base-uncased" are not resolved. Kept for parity with the
+        reference's API; the project's scripts construct ``BertTokenizer(vocab_file)`` directly.
         """
         path = Path(path)
         if path.is_dir():
@@ -306,6 +308,9 @@ class BertTokenizer:
     def convert_tokens_to_ids(self, tokens: Sequence[str]) -> list[int]:
         """Map tokens to ids.
 
+        Reference API, kept for parity (with ``tokenize`` it is the per-text path); the project's code encodes with
+        ``batch_encode``, which gives the same ids.
+
         Raises:
             KeyError: a token is not in the vocabulary.
             ValueError: more than ``max_len`` tokens (the model could not index their positions).
@@ -335,7 +340,7 @@ class BertTokenizer:
     def save_vocabulary(self, directory: PathLike) -> str:
         """Write ``directory/vocab.txt`` (atomically) so that ``load_vocab`` reads back this exact vocabulary.
 
-        Returns the path written.
+        Kept for parity with the reference's API (nothing in the project calls it). Returns the path written.
         """
         path = Path(directory) / VOCAB_NAME
         by_id = sorted(self.ids_to_tokens.items())

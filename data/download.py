@@ -23,17 +23,16 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python data/download.py` as well as `python -m data.download`
     sys.path.insert(0, str(REPO))
 
-from file_utils import DownloadError, atomic_write, download_file, is_remote, safe_extract  # noqa: E402
+from file_utils import DownloadError, PathLike, atomic_write, download_file, is_remote, safe_extract  # noqa: E402
 
-PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
 
 MIRROR_ENV = "BERT_DATA_MIRROR"
@@ -45,8 +44,8 @@ class Remote:
 
     urls: tuple[str, ...]
     mirror_path: str
-    md5: Optional[str] = None
-    sha256: Optional[str] = None
+    md5: str | None = None
+    sha256: str | None = None
 
 
 def _wikipedia(lang: str) -> Remote:
@@ -124,7 +123,7 @@ MIRROR_LAYOUT: tuple[str, ...] = (
 """Every path a mirror must provide (relative to its base) for ``--dataset all`` plus ``wikicorpus_zh``."""
 
 
-def fetch(remote: Remote, dest: PathLike, mirror: Optional[str] = None, progress: bool = True) -> Path:
+def fetch(remote: Remote, dest: PathLike, mirror: str | None = None, progress: bool = True) -> Path:
     """Download ``remote`` to ``dest`` from the mirror if given, else from its upstream sources in order."""
     sources = (_mirrored(mirror, remote.mirror_path),) if mirror else remote.urls
     failures: list[str] = []
@@ -145,13 +144,13 @@ def _mirrored(mirror: str, mirror_path: str) -> str:
     return str(Path(mirror).expanduser() / mirror_path)
 
 
-def download_wikipedia(outdir: PathLike, lang: str = "en", mirror: Optional[str] = None,
+def download_wikipedia(outdir: PathLike, lang: str = "en", mirror: str | None = None,
                        progress: bool = True) -> Path:
     """Fetch the ``<lang>`` Wikipedia articles dump (about 22 GB for en) to ``wikipedia/wikicorpus-<lang>.xml.bz2``."""
     return fetch(_wikipedia(lang), Path(outdir) / "wikipedia" / f"wikicorpus-{lang}.xml.bz2", mirror, progress)
 
 
-def download_squad(outdir: PathLike, mirror: Optional[str] = None, progress: bool = True) -> Path:
+def download_squad(outdir: PathLike, mirror: str | None = None, progress: bool = True) -> Path:
     """Fetch SQuAD v1.1 and v2.0 train/dev JSON and the official evaluation scripts to ``download/squad/``."""
     squad_dir = Path(outdir) / "download" / "squad"
     for version, files in SQUAD.items():
@@ -160,7 +159,7 @@ def download_squad(outdir: PathLike, mirror: Optional[str] = None, progress: boo
     return squad_dir
 
 
-def download_glue_task(task: str, outdir: PathLike, mirror: Optional[str] = None, progress: bool = True) -> Path:
+def download_glue_task(task: str, outdir: PathLike, mirror: str | None = None, progress: bool = True) -> Path:
     """Fetch one GLUE task into ``download/glue/<task>/`` (MRPC via :func:`download_mrpc`); skip it if present.
 
     The archive is unpacked safely into a temporary folder and its single top-level folder renamed into place, so
@@ -187,7 +186,7 @@ def download_glue_task(task: str, outdir: PathLike, mirror: Optional[str] = None
     return target
 
 
-def download_glue(outdir: PathLike, tasks: Sequence[str] = GLUE_TASKS, mirror: Optional[str] = None,
+def download_glue(outdir: PathLike, tasks: Sequence[str] = GLUE_TASKS, mirror: str | None = None,
                   progress: bool = True) -> Path:
     """Fetch the given GLUE tasks (default: all nine) into ``download/glue/``."""
     for task in tasks:
@@ -195,7 +194,7 @@ def download_glue(outdir: PathLike, tasks: Sequence[str] = GLUE_TASKS, mirror: O
     return Path(outdir) / "download" / "glue"
 
 
-def download_mrpc(outdir: PathLike, mirror: Optional[str] = None, progress: bool = True) -> Path:
+def download_mrpc(outdir: PathLike, mirror: str | None = None, progress: bool = True) -> Path:
     """Fetch the MSR paraphrase corpus and GLUE's dev ids, then build GLUE's MRPC ``train/dev/test.tsv``."""
     mrpc_dir = Path(outdir) / "download" / "glue" / "MRPC"
     for name, remote in MRPC.items():
@@ -261,16 +260,16 @@ def format_mrpc(source_dir: PathLike, out_dir: PathLike) -> None:
     logger.info("MRPC: %d train, %d dev, %d test pairs in %s", len(train) - 1, len(dev) - 1, len(test) - 1, out_dir)
 
 
-def download_vocab(outdir: PathLike, mirror: Optional[str] = None, progress: bool = True) -> Path:
+def download_vocab(outdir: PathLike, mirror: str | None = None, progress: bool = True) -> Path:
     """Fetch the uncased vocab (digest-checked) to the path the reference's configs use (:data:`VOCAB_PATH`)."""
     return fetch(VOCAB, Path(outdir) / VOCAB_PATH, mirror, progress)
 
 
-def _glue_only(task: str) -> Callable[[Path, Optional[str], bool], Path]:
+def _glue_only(task: str) -> Callable[[Path, str | None, bool], Path]:
     return lambda outdir, mirror, progress: download_glue_task(task, outdir, mirror, progress)
 
 
-DATASETS: dict[str, Callable[[Path, Optional[str], bool], Path]] = {
+DATASETS: dict[str, Callable[[Path, str | None, bool], Path]] = {
     "wikicorpus_en": lambda outdir, mirror, progress: download_wikipedia(outdir, "en", mirror, progress),
     "wikicorpus_zh": lambda outdir, mirror, progress: download_wikipedia(outdir, "zh", mirror, progress),
     "squad": download_squad,
@@ -281,14 +280,14 @@ DATASETS: dict[str, Callable[[Path, Optional[str], bool], Path]] = {
 ALL = ("wikicorpus_en", "squad", "glue", "vocab")
 
 
-def download_dataset(name: str, outdir: PathLike, mirror: Optional[str] = None, progress: bool = True) -> Path:
+def download_dataset(name: str, outdir: PathLike, mirror: str | None = None, progress: bool = True) -> Path:
     """Download one dataset by its CLI name (see :data:`DATASETS`); return the file or folder it produced."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join([*DATASETS, 'all'])}")
     return DATASETS[name](Path(outdir), mirror, progress)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m data.download",
         description="Download raw datasets (the reference's `bertPrep.py --action download --dataset X`). "
@@ -306,7 +305,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = list(dict.fromkeys(n for name in args.dataset for n in (ALL if name == "all" else (name,))))

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import csv
 import math
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence, Union
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-PathLike = Union[str, os.PathLike]
+from file_utils import PathLike
 
 
 class GlueDataError(ValueError):

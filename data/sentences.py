@@ -8,7 +8,7 @@ pipeline working where the wheel is unavailable (it is slightly worse on rare ab
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from collections.abc import Callable
 
 try:  # optional dependency: `pip install blingfire`
     import blingfire as _blingfire
@@ -76,9 +76,3 @@ def get_sentence_splitter(backend: str = "auto") -> Callable[[str], list[str]]:
     if backend == "regex":
         return split_sentences_regex
     raise ValueError(f"unknown sentence splitter {backend!r}; choose one of: auto, blingfire, regex")
-
-
-def split_documents(texts: Iterable[str], backend: str = "auto") -> list[list[str]]:
-    """Split each document text into its list of sentences."""
-    split = get_sentence_splitter(backend)
-    return [split(text) for text in texts]

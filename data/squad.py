@@ -6,17 +6,17 @@ import contextlib
 import json
 import logging
 import math
-import os
 import re
 import string
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from file_utils import atomic_write
+from file_utils import PathLike, atomic_write
 from tokenization import BasicTokenizer
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _field(obj: Any, key: str, kind: type | tuple[type, ...], path: Path, where:
     return value
 
 
-def load_squad_json(input_file: str | os.PathLike) -> dict:
+def load_squad_json(input_file: PathLike) -> dict:
     """Read a SQuAD JSON file and check its structure (articles, paragraphs, questions, answer offsets).
 
     Raises:
@@ -132,7 +132,7 @@ def load_squad_json(input_file: str | os.PathLike) -> dict:
     return dataset
 
 
-def read_squad_examples(input_file: str | os.PathLike, is_training: bool,
+def read_squad_examples(input_file: PathLike, is_training: bool,
                         version_2_with_negative: bool = False) -> tuple[list[SquadExample], int]:
     """Read a SQuAD file into examples.
 
@@ -379,10 +379,10 @@ def model_inputs(input_ids: torch.Tensor, seq_lengths: torch.Tensor, doc_offsets
             "attention_mask": attention_mask.long()}
 
 
-def predict_logits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], batch_size: int,
-                   device: torch.device, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                   progress: Optional[Callable[[Iterable], Iterable]] = None) -> tuple[list[np.ndarray],
-                                                                                        list[np.ndarray]]:
+def predict_logits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], batch_size: int, device: torch.device,
+                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                   progress: Callable[[Iterable], Iterable] | None = None,
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Start and end logits of every packed feature (``features_to_tensors``), in feature order.
 
     Features are run longest first in batches of ``batch_size``, each batch cut to its longest row: similar lengths
@@ -391,8 +391,8 @@ def predict_logits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], bat
     """
     lengths = tensors["seq_lengths"]
     order = torch.argsort(lengths, descending=True, stable=True)
-    starts: list[Optional[np.ndarray]] = [None] * len(order)
-    ends: list[Optional[np.ndarray]] = [None] * len(order)
+    starts: list[np.ndarray | None] = [None] * len(order)
+    ends: list[np.ndarray | None] = [None] * len(order)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     was_training = model.training
     model.eval()
@@ -589,7 +589,7 @@ def compute_predictions(examples: Sequence[SquadExample], features: Sequence[QAF
     return result
 
 
-def write_predictions(predictions: SquadPredictions, output_dir: str | os.PathLike,
+def write_predictions(predictions: SquadPredictions, output_dir: PathLike,
                       version_2_with_negative: bool = False) -> dict[str, Path]:
     """Write predictions.json, nbest_predictions.json and (v2) null_odds.json atomically; return their paths."""
     output_dir = Path(output_dir)
@@ -710,7 +710,7 @@ def apply_no_ans_threshold(scores: dict[str, float], na_probs: dict[str, float],
 
 
 def make_eval_dict(exact: dict[str, float], f1: dict[str, float],
-                   qid_list: Optional[Sequence[str]] = None) -> dict[str, float]:
+                   qid_list: Sequence[str] | None = None) -> dict[str, float]:
     """Mean EM and F1 in % (over ``qid_list`` when given) and the question count."""
     qids = list(exact) if qid_list is None else list(qid_list)
     total = len(qids)
@@ -740,7 +740,7 @@ def find_best_thresh(predictions: dict[str, str], scores: dict[str, float], na_p
     return 100.0 * best / len(scores), best_thresh
 
 
-def evaluate_v2(dataset: dict | list, predictions: dict[str, str], na_probs: Optional[dict[str, float]] = None,
+def evaluate_v2(dataset: dict | list, predictions: dict[str, str], na_probs: dict[str, float] | None = None,
                 na_prob_thresh: float = 1.0) -> dict[str, float]:
     """The official v2.0 evaluation: exact/f1/total, HasAns_* and NoAns_* breakdowns, and, when ``na_probs`` (the
     null_odds.json contents) is given, best_exact/best_f1 with their thresholds."""
@@ -764,7 +764,7 @@ def evaluate_v2(dataset: dict | list, predictions: dict[str, str], na_probs: Opt
 
 
 def evaluate(dataset: dict | list, predictions: dict[str, str], version_2_with_negative: bool,
-             na_probs: Optional[dict[str, float]] = None) -> dict[str, float]:
+             na_probs: dict[str, float] | None = None) -> dict[str, float]:
     """Run the metric of the dataset's version; both results carry ``exact_match`` and ``f1`` keys for logging.
 
     Raises:

@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import REPO, shared_path
+from test_file_utils import FileServer, closed_port_url
 
 import file_utils
-from conftest import REPO, shared_path
 from data import download
 from file_utils import ChecksumError, UnsafeArchiveError
-from test_file_utils import FileServer, closed_port_url
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +58,7 @@ def test_squad_downloads_and_checks_published_md5(mirror: FileServer, tmp_path: 
         download.download_squad(tmp_path, mirror=base, progress=False)
     assert not (tmp_path / "download" / "squad" / "v1.1" / "train-v1.1.json").exists()
     # ... and with the stand-ins' own digests every file lands where run_squad.sh expects it.
-    for version, files in download.SQUAD.items():
+    for files in download.SQUAD.values():
         for name, remote in files.items():
             digest = hashlib.md5(mirror.files[f"/mirror/{remote.mirror_path}"]).hexdigest()
             monkeypatch.setitem(files, name, dataclasses.replace(remote, md5=digest))

@@ -18,8 +18,8 @@ import torch
 
 import file_utils
 from file_utils import (
-    ChecksumError,
     CheckpointError,
+    ChecksumError,
     DownloadError,
     UnsafeArchiveError,
     atomic_path,
@@ -33,7 +33,6 @@ from file_utils import (
     save_checkpoint,
     sha256sum,
 )
-
 
 # --- a local HTTP server that speaks Range / If-Range -------------------------------------------------------------
 
@@ -103,7 +102,7 @@ class FileServer:
     def gets(self, path: str) -> list[dict[str, str]]:
         return [headers for seen, headers in self.requests if seen == path]
 
-    def __enter__(self) -> "FileServer":
+    def __enter__(self) -> FileServer:
         self.thread.start()
         return self
 

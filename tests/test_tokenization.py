@@ -9,8 +9,8 @@ import pickle
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, shared_path
+
 from tokenization import (
     BasicTokenizer,
     BertTokenizer,
