@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import re
 import unicodedata
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
@@ -442,3 +443,22 @@ class BertTokenizer:
                     break
             self._char_is_safe[char] = safe
         return {c for c in chars if not self._char_is_safe[c]}
+
+
+@functools.lru_cache(maxsize=4)
+def load_wordpiece(vocab_file: str,
+                   do_lower_case: bool = True) -> tuple[Callable[[list[str]], list[list[int]]], list[str]]:
+    """``(batch_encode, vocabulary)`` for a WordPiece vocab file, loaded once per process (per Dask worker).
+
+    ``batch_encode`` is :meth:`BertTokenizer.batch_encode` (strings to id lists without [CLS]/[SEP], on the Rust
+    ``tokenizers`` library); ``vocabulary[i]`` is the token of id i. The pre-training data writers use it.
+
+    Raises:
+        ValueError: the vocabulary lacks [CLS], [SEP] or [MASK].
+    """
+    tokenizer = BertTokenizer(vocab_file, do_lower_case=do_lower_case)
+    vocabulary = [tokenizer.ids_to_tokens[i] for i in range(len(tokenizer.ids_to_tokens))]
+    missing = [t for t in ("[CLS]", "[SEP]", "[MASK]") if t not in tokenizer.vocab]
+    if missing:
+        raise ValueError(f"vocab file {vocab_file} lacks the special tokens {missing}")
+    return tokenizer.batch_encode, vocabulary

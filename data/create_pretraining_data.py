@@ -2,9 +2,10 @@
 
 Input: one sentence per line, a blank line between documents (google-research/bert format); ``--input_file`` is
 a file or a directory whose ``*.txt`` files are read in name order, each file starting a new document.
-Output: one HDF5 file with gzip-compressed datasets ``input_ids`` int32 [N, max_seq_length], ``input_mask`` int8,
-``segment_ids`` int8, ``masked_lm_positions`` int32 [N, max_predictions_per_seq], ``masked_lm_ids`` int32 and
-``next_sentence_labels`` int8 [N] (1 = random next), zero-padded, written to a temporary name and renamed.
+Output: one HDF5 file in the reference layout (``data.formats``): gzip-compressed datasets ``input_ids`` int32
+[N, max_seq_length], ``input_mask`` int8, ``segment_ids`` int8, ``masked_lm_positions`` int32
+[N, max_predictions_per_seq], ``masked_lm_ids`` int32 and ``next_sentence_labels`` int8 [N] (1 = random next),
+zero-padded, written to a temporary name and renamed.
 
 The instances come from ``data.instances``, the same implementation as the Parquet pipeline. Memory: the corpus is
 held as int32 token ids (about 4 bytes per token, not a Python string per token as in the reference, whose
@@ -17,25 +18,20 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from data.instances import create_instances, mask_pairs, pair_tokens, padded_features, tokenize_documents
+from data.formats import hdf5_blocks, write_hdf5
+from data.instances import create_instances, tokenize_documents
+from file_utils import PathLike
+from tokenization import load_wordpiece
 
 WRITE_BLOCK = 65536  # instances laid out and written per step
-HDF5_DTYPES = {
-    "input_ids": "i4",
-    "input_mask": "i1",
-    "segment_ids": "i1",
-    "masked_lm_positions": "i4",
-    "masked_lm_ids": "i4",
-    "next_sentence_labels": "i1",
-}
 
 
-def input_files(path: str | os.PathLike) -> list[Path]:
+def input_files(path: PathLike) -> list[Path]:
     """``path`` itself, or the ``*.txt`` files of directory ``path`` in name order."""
     path = Path(path)
     if path.is_file():
@@ -64,43 +60,7 @@ def read_documents(files: Sequence[Path]) -> Iterator[list[str]]:
             yield document
 
 
-def write_hdf5(path: str | os.PathLike, features: Iterator[dict[str, np.ndarray]], num_instances: int,
-               max_seq_length: int, max_predictions_per_seq: int) -> None:
-    """Write feature blocks into the six gzip datasets of the reference format, atomically (temp name + rename)."""
-    import h5py
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shapes = {
-        "input_ids": (num_instances, max_seq_length),
-        "input_mask": (num_instances, max_seq_length),
-        "segment_ids": (num_instances, max_seq_length),
-        "masked_lm_positions": (num_instances, max_predictions_per_seq),
-        "masked_lm_ids": (num_instances, max_predictions_per_seq),
-        "next_sentence_labels": (num_instances,),
-    }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as out:
-            datasets = {
-                name: out.create_dataset(name, shape=shape, dtype=HDF5_DTYPES[name], compression="gzip")
-                for name, shape in shapes.items()
-            }
-            row = 0
-            for block in features:
-                n = len(block["next_sentence_labels"])
-                for name, dataset in datasets.items():
-                    dataset[row : row + n] = block[name]
-                row += n
-            if row != num_instances:
-                raise RuntimeError(f"wrote {row} instances to {path}, expected {num_instances}")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The reference ``create_pretraining_data.py`` flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     required = parser.add_argument_group("required")
@@ -136,11 +96,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
     args = parse_args(argv)
-    from data.preprocess_pretraining import load_wordpiece
-
     try:
         files = input_files(args.input_file)
         if not Path(args.vocab_file).is_file():
@@ -159,18 +117,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     instances = create_instances(
         documents, args.max_seq_length, args.short_seq_prob, args.dupe_factor, rng, np_rng
     )
-    token_id = {token: i for i, token in enumerate(vocabulary)}
-
-    def blocks() -> Iterator[dict[str, np.ndarray]]:
-        for begin in range(0, len(instances), WRITE_BLOCK):
-            chunk = instances.take(np.arange(begin, min(begin + WRITE_BLOCK, len(instances))))
-            pairs = pair_tokens(documents, chunk)
-            masked = mask_pairs(pairs, np_rng, args.masked_lm_prob, len(vocabulary), token_id["[MASK]"],
-                                args.max_predictions_per_seq)
-            yield padded_features(pairs, masked, chunk.is_random_next, args.max_seq_length,
-                                  args.max_predictions_per_seq, token_id["[CLS]"], token_id["[SEP]"])
-
-    write_hdf5(args.output_file, blocks(), len(instances), args.max_seq_length, args.max_predictions_per_seq)
+    blocks = hdf5_blocks(documents, instances, vocabulary, np_rng, args.masked_lm_prob, args.max_seq_length,
+                         args.max_predictions_per_seq, WRITE_BLOCK)
+    write_hdf5(args.output_file, blocks, len(instances), args.max_seq_length, args.max_predictions_per_seq)
     print(
         f"{len(documents)} documents, {documents.num_tokens} tokens -> {len(instances)} instances in "
         f"{args.output_file} ({time.perf_counter() - started:.1f} s)"

@@ -24,16 +24,22 @@ from __future__ import annotations
 import argparse
 import bz2
 import collections
+import contextlib
 import importlib.util
+import itertools
 import multiprocessing
+import multiprocessing.pool
 import os
 import re
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Optional, Sequence
+from typing import IO
+
+from file_utils import PathLike, atomic_write
 
 ARTICLE_NAMESPACE = 0
 # Sections after which an article holds only lists of links and citations.
@@ -110,7 +116,7 @@ def iter_pages(stream: IO[bytes]) -> Iterator[Page]:
         yield Page(page_id, namespace, title, text, redirect)
 
 
-def open_dump(path: str | os.PathLike) -> IO[bytes]:
+def open_dump(path: PathLike) -> IO[bytes]:
     """Open a dump for streaming: ``.bz2`` is decompressed on the fly, anything else is read as XML."""
     path = Path(path)
     if not path.is_file():
@@ -215,7 +221,7 @@ def clean_wikitext(text: str) -> list[str]:
     return paragraphs
 
 
-def source_line(page: Page) -> Optional[str]:
+def source_line(page: Page) -> str | None:
     """The LDDL source line of a page (``wiki-<id> paragraphs...``), or None if the page is not kept."""
     if page.namespace != ARTICLE_NAMESPACE or page.redirect or _REDIRECT.match(page.text):
         return None
@@ -249,46 +255,27 @@ def clean_batch(pages: Sequence[Page]) -> tuple[list[str], collections.Counter]:
     return lines, stats
 
 
-class ShardWriter:
-    """Writes lines to ``<dir>/<i>.txt``, starting a new file past ``shard_bytes``; each file appears complete."""
+def write_text_shards(lines: Iterable[str], output_dir: PathLike, shard_bytes: int) -> list[Path]:
+    """Write ``lines`` to ``<output_dir>/<i>.txt``, starting a new file past ``shard_bytes``; return the files.
 
-    def __init__(self, output_dir: str | os.PathLike, shard_bytes: int) -> None:
-        self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.shard_bytes = shard_bytes
-        self.paths: list[Path] = []
-        self._handle: Optional[IO[str]] = None
-        self._tmp: Optional[Path] = None
-        self._size = 0
-
-    def write(self, line: str) -> None:
-        if self._handle is None:
-            final = self.output_dir / f"{len(self.paths)}.txt"
-            self._tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-            self._handle = open(self._tmp, "w", encoding="utf-8", newline="\n")
-            self.paths.append(final)
-            self._size = 0
-        self._handle.write(line + "\n")
-        self._size += len(line) + 1
-        if self._size >= self.shard_bytes:
-            self._finish()
-
-    def _finish(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            os.replace(self._tmp, self.paths[-1])
-            self._handle = None
-
-    def close(self) -> None:
-        self._finish()
-
-    def abort(self) -> None:
-        """Drop the file being written (it is incomplete); finished files stay."""
-        if self._handle is not None:
-            self._handle.close()
-            self._tmp.unlink(missing_ok=True)
-            self.paths.pop()
-            self._handle = None
+    Each file is written under a temporary name and renamed when complete: if ``lines`` raises, the files finished
+    so far stay and the one being written is removed.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    lines = iter(lines)
+    for first in lines:  # the next file's first line is read only after the previous file is complete
+        path = output_dir / f"{len(paths)}.txt"
+        with atomic_write(path, "w", encoding="utf-8", newline="\n") as handle:
+            size = 0
+            for line in itertools.chain([first], lines):
+                handle.write(line + "\n")
+                size += len(line) + 1
+                if size >= shard_bytes:
+                    break
+        paths.append(path)
+    return paths
 
 
 def _batches(pages: Iterable[Page], batch_bytes: int) -> Iterator[list[Page]]:
@@ -303,6 +290,40 @@ def _batches(pages: Iterable[Page], batch_bytes: int) -> Iterator[list[Page]]:
         yield batch
 
 
+def _cleaned_lines(pages: Iterable[Page], num_workers: int, batch_bytes: int, max_articles: int | None,
+                   stats: collections.Counter) -> Iterator[str]:
+    """Source lines of the kept pages, in dump order, at most ``max_articles``; ``stats`` counts the lines handed out
+    ("written") and why the other pages were skipped. ``num_workers`` processes clean the markup (0: this one)."""
+    batches = _batches(pages, batch_bytes)
+    pool = multiprocessing.get_context("spawn").Pool(num_workers) if num_workers > 0 else None
+    try:
+        results = map(clean_batch, batches) if pool is None else _in_order(pool, batches, 4 * num_workers)
+        for lines, counts in results:
+            stats.update(counts)
+            for line in lines:
+                if max_articles is not None and stats["written"] >= max_articles:
+                    return
+                stats["written"] += 1
+                yield line
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+def _in_order(pool: multiprocessing.pool.Pool, batches: Iterable[list[Page]],
+              window: int) -> Iterator[tuple[list[str], collections.Counter]]:
+    """``clean_batch`` of each batch on the pool, in order, with at most ``window`` batches in flight (so a slow
+    pool never makes the reader buffer the dump)."""
+    pending: collections.deque = collections.deque()
+    for batch in batches:
+        pending.append(pool.apply_async(clean_batch, (batch,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 @dataclass
 class ExtractionReport:
     """Counts of one extraction run."""
@@ -313,11 +334,11 @@ class ExtractionReport:
 
 
 def extract(
-    input_path: str | os.PathLike,
-    output_dir: str | os.PathLike,
+    input_path: PathLike,
+    output_dir: PathLike,
     num_workers: int = os.cpu_count() or 1,
     shard_bytes: int = 128 << 20,
-    max_articles: Optional[int] = None,
+    max_articles: int | None = None,
     batch_bytes: int = 1 << 20,
 ) -> ExtractionReport:
     """Extract the articles of a dump into LDDL source files; see the module docstring.
@@ -331,50 +352,14 @@ def extract(
     if existing:
         raise FileExistsError(f"--output-dir {output_dir} already holds .txt files ({existing[0].name}...)")
     report = ExtractionReport()
-    writer = ShardWriter(output_dir, shard_bytes)
-    pool = multiprocessing.get_context("spawn").Pool(num_workers) if num_workers > 0 else None
-    try:
-        with open_dump(input_path) as stream:
-            batches = _batches(iter_pages(stream), batch_bytes)
-            pending: collections.deque = collections.deque()
-            window = 4 * max(1, num_workers)
-            done = False
-            while not done:
-                while pool is not None and len(pending) < window:
-                    batch = next(batches, None)
-                    if batch is None:
-                        break
-                    pending.append(pool.apply_async(clean_batch, (batch,)))
-                if pool is not None:
-                    if not pending:
-                        break
-                    lines, stats = pending.popleft().get()
-                else:
-                    batch = next(batches, None)
-                    if batch is None:
-                        break
-                    lines, stats = clean_batch(batch)
-                for line in lines:
-                    if max_articles is not None and report.stats["written"] >= max_articles:
-                        done = True
-                        break
-                    writer.write(line)
-                    report.stats["written"] += 1
-                report.stats.update(stats)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    report.files = [str(p) for p in writer.paths]
+    with open_dump(input_path) as stream, contextlib.closing(
+            _cleaned_lines(iter_pages(stream), num_workers, batch_bytes, max_articles, report.stats)) as lines:
+        report.files = [str(p) for p in write_text_shards(lines, output_dir, shard_bytes)]
     report.seconds = time.perf_counter() - started
     return report
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The extraction flags (LDDL's --extract-shard-size is --shard-size-mb here)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="The dump: *-pages-articles.xml.bz2 (or an uncompressed .xml).")
@@ -394,7 +379,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
     args = parse_args(argv)
     try:

@@ -1,12 +1,12 @@
 """Google BERT's sentence-pair (NSP) and masked-LM instance builder on flat token-id arrays.
 
-One implementation serves both output formats: ``create_pretraining_data`` (HDF5, reference era A) and
-``preprocess_pretraining`` (LDDL Parquet, era B). It follows google-research/bert ``create_pretraining_data.py``
-(reference section 6.1) decision for decision, but never copies tokens around: a document set is one int32 array
-plus sentence and document offsets, and an instance is four numbers (where segment A and B start and how long
-they are), because A and B are always contiguous runs of whole sentences and truncation only trims their ends.
-Truncation, masking and the final layout are then vectorised over all instances with NumPy, so the only
-per-item Python loop is the reference's walk over sentences.
+One implementation serves both output formats (``data.formats``): ``create_pretraining_data`` (HDF5, reference
+era A) and ``preprocess_pretraining`` (LDDL Parquet, era B). It follows google-research/bert
+``create_pretraining_data.py`` (reference section 6.1) decision for decision, but never copies tokens around: a
+document set is one int32 array plus sentence and document offsets, and an instance is four numbers (where segment
+A and B start and how long they are), because A and B are always contiguous runs of whole sentences and truncation
+only trims their ends. Truncation, masking and the final layout are then vectorised over all instances with NumPy
+(``data.ragged``), so the only per-item Python loop is the reference's walk over sentences.
 
 Randomness: the sentence walk uses ``random.Random`` (cheap scalar draws), the vectorised steps a NumPy
 ``Generator``; both are seeded by the caller, so a run is reproducible for a given seed and input order. The
@@ -18,10 +18,12 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 import numpy as np
+
+from data.ragged import gather, lengths_of, offsets_of, ragged_arange
 
 # The reference's preprocessors (LDDL, and BertTokenizer(max_len=512) in era A) cut sentences at 512 tokens.
 MAX_SENTENCE_TOKENS = 512
@@ -115,7 +117,7 @@ class Instances:
         """Sequence length of each pair including [CLS] and both [SEP]s."""
         return self.a_len + self.b_len + 3
 
-    def take(self, index: np.ndarray) -> "Instances":
+    def take(self, index: np.ndarray) -> Instances:
         """The pairs at ``index`` (an integer or boolean index array), in that order."""
         return Instances(
             self.a_start[index], self.a_len[index], self.b_start[index], self.b_len[index], self.is_random_next[index]
@@ -232,26 +234,6 @@ def truncate_pairs(instances: Instances, max_num_tokens: int, np_rng: np.random.
     instances.a_len, instances.b_len = a_new, b_new
 
 
-def ragged_arange(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For ragged rows of ``lengths``: (row of each element, index of each element within its row)."""
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    starts = np.cumsum(lengths) - lengths
-    return rows, np.arange(int(lengths.sum())) - starts[rows]
-
-
-def offsets_of(lengths: np.ndarray) -> np.ndarray:
-    """Row offsets [N + 1] of ragged rows with ``lengths`` [N]."""
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return offsets
-
-
-def gather(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenate ``tokens[starts[i]:starts[i] + lengths[i]]`` over i, without a Python loop."""
-    rows, within = ragged_arange(lengths)
-    return tokens[starts[rows] + within]
-
-
 @dataclass
 class PairTokens:
     """Token ids of segments A and B of every pair, ragged (row i of A is ``a_ids[a_offsets[i]:a_offsets[i+1]]``)."""
@@ -263,11 +245,11 @@ class PairTokens:
 
     @property
     def a_len(self) -> np.ndarray:
-        return np.diff(self.a_offsets)
+        return lengths_of(self.a_offsets)
 
     @property
     def b_len(self) -> np.ndarray:
-        return np.diff(self.b_offsets)
+        return lengths_of(self.b_offsets)
 
 
 def pair_tokens(documents: TokenizedDocuments, instances: Instances) -> PairTokens:
@@ -295,7 +277,7 @@ def mask_pairs(
     masked_lm_prob: float,
     vocab_size: int,
     mask_id: int,
-    max_predictions_per_seq: Optional[int] = None,
+    max_predictions_per_seq: int | None = None,
 ) -> MaskedLM:
     """Apply BERT's static masking to ``pairs`` in place and return what was masked.
 
@@ -337,54 +319,3 @@ def mask_pairs(
     pairs.a_ids[a_index] = replacement[in_a]
     pairs.b_ids[b_index] = replacement[~in_a]
     return MaskedLM(positions, labels, offsets_of(np.bincount(rows, minlength=len(a_len))))
-
-
-def padded_features(
-    pairs: PairTokens,
-    masked: MaskedLM,
-    is_random_next: np.ndarray,
-    max_seq_length: int,
-    max_predictions_per_seq: int,
-    cls_id: int,
-    sep_id: int,
-) -> dict[str, np.ndarray]:
-    """Lay pairs out as the reference HDF5 arrays (section 6.1): ``[CLS] A [SEP] B [SEP]`` zero-padded.
-
-    Returns ``input_ids`` int32 [N, L], ``input_mask`` int8 [N, L], ``segment_ids`` int8 [N, L] (1 from the first
-    B token through the last [SEP]), ``masked_lm_positions`` / ``masked_lm_ids`` int32 [N, P] (zero-padded; 0 is
-    never a real position because [CLS] is never masked), ``next_sentence_labels`` int8 [N] (1 = random next).
-    """
-    a_len, b_len = pairs.a_len, pairs.b_len
-    n = len(a_len)
-    if n and int((a_len + b_len).max()) + 3 > max_seq_length:
-        raise ValueError(f"a pair is longer than max_seq_length={max_seq_length}")
-    input_ids = np.zeros((n, max_seq_length), dtype=np.int32)
-    rows, within = ragged_arange(a_len)
-    input_ids[rows, within + 1] = pairs.a_ids
-    rows, within = ragged_arange(b_len)
-    input_ids[rows, a_len[rows] + 2 + within] = pairs.b_ids
-    everyone = np.arange(n)
-    input_ids[everyone, 0] = cls_id
-    input_ids[everyone, a_len + 1] = sep_id
-    input_ids[everyone, a_len + b_len + 2] = sep_id
-    columns = np.arange(max_seq_length)
-    total = (a_len + b_len + 3)[:, None]
-    input_mask = (columns < total).astype(np.int8)
-    segment_ids = ((columns >= (a_len + 2)[:, None]) & (columns < total)).astype(np.int8)
-
-    counts = np.diff(masked.offsets)
-    if n and int(counts.max(initial=0)) > max_predictions_per_seq:
-        raise ValueError(f"a pair has more than max_predictions_per_seq={max_predictions_per_seq} masked positions")
-    masked_lm_positions = np.zeros((n, max_predictions_per_seq), dtype=np.int32)
-    masked_lm_ids = np.zeros((n, max_predictions_per_seq), dtype=np.int32)
-    rows, within = ragged_arange(counts)
-    masked_lm_positions[rows, within] = masked.positions
-    masked_lm_ids[rows, within] = masked.labels
-    return {
-        "input_ids": input_ids,
-        "input_mask": input_mask,
-        "segment_ids": segment_ids,
-        "masked_lm_positions": masked_lm_positions,
-        "masked_lm_ids": masked_lm_ids,
-        "next_sentence_labels": is_random_next.astype(np.int8),
-    }

@@ -8,7 +8,7 @@ len(B) + 3), with ``--masking`` also ``masked_lm_positions`` (``np.save`` bytes 
 ``[CLS] A [SEP] B [SEP]``) and ``masked_lm_labels`` (space-joined original tokens), and with ``--bin-size`` also
 ``bin_id`` (int64; bin b holds sequences of ``b*bin_size+1 .. (b+1)*bin_size`` tokens).
 With ``--output-format hdf5`` each partition becomes instead one reference era-A file ``training_<i>.hdf5``
-(the datasets of ``data.create_pretraining_data``, statically masked, at most ``--max-predictions-per-seq``):
+(the reference layout of ``data.formats``, statically masked, at most ``--max-predictions-per-seq``):
 the sharded HDF5 that the reference's bertPrep.py made, from the same source files and pipeline.
 
 Pipeline (each step runs per partition on the workers; no step gathers the corpus anywhere):
@@ -31,25 +31,33 @@ pass ``--scheduler-file F`` (or ``--scheduler-address``); or run this script und
 from __future__ import annotations
 
 import argparse
-import functools
-import io
 import math
 import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from data import balance_shards
-from data.instances import MaskedLM, PairTokens, create_instances, mask_pairs, pair_tokens, tokenize_documents
+from data.formats import (
+    hdf5_blocks,
+    hdf5_file_name,
+    lddl_schema,
+    lddl_table,
+    parquet_writers,
+    partition_file_names,
+    write_hdf5,
+)
+from data.instances import Instances, TokenizedDocuments, create_instances, mask_pairs, pair_tokens, tokenize_documents
 from data.sentences import get_sentence_splitter
+from file_utils import PathLike
+from tokenization import load_wordpiece
 
 if TYPE_CHECKING:  # imported lazily at run time: workers that only build partitions need neither
     import pandas as pd
@@ -58,70 +66,6 @@ if TYPE_CHECKING:  # imported lazily at run time: workers that only build partit
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VOCAB = REPO_ROOT / "vocab" / "vocab"
 ROW_GROUP_SIZE = 16384  # pairs per Parquet row group; bounds the memory of the string-building step
-
-
-def lddl_schema(masking: bool, binned: bool) -> pa.Schema:
-    """The LDDL Parquet schema (reference section 6.3) for the given options, in LDDL's column order."""
-    fields = [
-        pa.field("A", pa.string()),
-        pa.field("B", pa.string()),
-        pa.field("is_random_next", pa.bool_()),
-        pa.field("num_tokens", pa.uint16()),
-    ]
-    if masking:
-        fields += [pa.field("masked_lm_positions", pa.binary()), pa.field("masked_lm_labels", pa.string())]
-    if binned:
-        fields.append(pa.field("bin_id", pa.int64()))
-    return pa.schema(fields)
-
-
-@functools.lru_cache(maxsize=None)
-def _npy_header(length: int) -> bytes:
-    """The bytes ``np.save`` writes before the data of a length-``length`` uint16 vector (cached per length)."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.zeros(length, dtype="<u2"))
-    return buffer.getvalue()[: -2 * length] if length else buffer.getvalue()
-
-
-def serialize_uint16(values: np.ndarray, offsets: np.ndarray) -> list[bytes]:
-    """Each ragged row of ``values`` as the ``np.save`` bytes of a uint16 array (what LDDL stores and np.load reads)."""
-    data = values.astype("<u2").tobytes()
-    return [_npy_header(int(end - start)) + data[2 * start : 2 * end] for start, end in zip(offsets[:-1], offsets[1:])]
-
-
-def _join_tokens(vocab: pa.Array, ids: np.ndarray, offsets: np.ndarray) -> pa.Array:
-    """Space-join the vocabulary strings of each ragged row of ids (all in Arrow's C++ kernels)."""
-    tokens = vocab.take(pa.array(ids, type=pa.int32()))
-    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), tokens), " ")
-
-
-def lddl_table(
-    pairs: PairTokens,
-    is_random_next: np.ndarray,
-    vocab: pa.Array,
-    masked: Optional[MaskedLM] = None,
-    bin_size: Optional[int] = None,
-    num_bins: Optional[int] = None,
-) -> pa.Table:
-    """Pairs as an Arrow table with the LDDL schema (``bin_id`` added when ``bin_size`` is given)."""
-    num_tokens = pairs.a_len + pairs.b_len + 3
-    columns: dict[str, pa.Array] = {
-        "A": _join_tokens(vocab, pairs.a_ids, pairs.a_offsets),
-        "B": _join_tokens(vocab, pairs.b_ids, pairs.b_offsets),
-        "is_random_next": pa.array(is_random_next, type=pa.bool_()),
-        "num_tokens": pa.array(num_tokens.astype(np.uint16), type=pa.uint16()),
-    }
-    if masked is not None:
-        columns["masked_lm_positions"] = pa.array(serialize_uint16(masked.positions, masked.offsets), pa.binary())
-        columns["masked_lm_labels"] = _join_tokens(vocab, masked.labels, masked.offsets)
-    if bin_size is not None:
-        columns["bin_id"] = pa.array(bin_ids(num_tokens, bin_size, num_bins), type=pa.int64())
-    return pa.table(columns, schema=lddl_schema(masked is not None, bin_size is not None))
-
-
-def bin_ids(num_tokens: np.ndarray, bin_size: int, num_bins: int) -> np.ndarray:
-    """LDDL's bin of each sequence length: ``(num_tokens - 1) // bin_size``, capped at the last bin."""
-    return np.minimum((np.asarray(num_tokens, dtype=np.int64) - 1) // bin_size, num_bins - 1)
 
 
 @dataclass(frozen=True)
@@ -138,13 +82,13 @@ class PreprocessConfig:
     seed: int = 12345
     masking: bool = False
     masked_lm_ratio: float = 0.15
-    bin_size: Optional[int] = None
+    bin_size: int | None = None
     sentence_splitter: str = "auto"
     output_format: str = "parquet"
-    max_predictions_per_seq: Optional[int] = None
+    max_predictions_per_seq: int | None = None
 
     @property
-    def num_bins(self) -> Optional[int]:
+    def num_bins(self) -> int | None:
         return None if self.bin_size is None else self.target_seq_length // self.bin_size
 
     def validate(self) -> None:
@@ -168,11 +112,13 @@ class PreprocessConfig:
         if self.output_format not in ("parquet", "hdf5"):
             raise ValueError(f"--output-format must be parquet or hdf5, got {self.output_format!r}")
         if self.output_format == "hdf5" and self.max_predictions_per_seq is None:
-            raise ValueError("--output-format hdf5 needs --max-predictions-per-seq (the reference uses 20 for 128, 80 for 512)")
+            raise ValueError("--output-format hdf5 needs --max-predictions-per-seq "
+                             "(the reference uses 20 for 128, 80 for 512)")
         if self.output_format == "hdf5" and self.bin_size is not None:
             raise ValueError("--bin-size applies to Parquet output only (HDF5 rows are padded to --target-seq-length)")
         if self.output_format == "parquet" and self.max_predictions_per_seq is not None and not self.masking:
-            raise ValueError("--max-predictions-per-seq caps static masking: it needs --masking (or --output-format hdf5)")
+            raise ValueError("--max-predictions-per-seq caps static masking: "
+                             "it needs --masking (or --output-format hdf5)")
         if self.max_predictions_per_seq is not None and self.max_predictions_per_seq < 1:
             raise ValueError(f"--max-predictions-per-seq must be positive, got {self.max_predictions_per_seq}")
         if not Path(self.vocab_file).is_file():
@@ -181,33 +127,11 @@ class PreprocessConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=4)
-def load_wordpiece(vocab_file: str, do_lower_case: bool = True) -> tuple[Callable[[list[str]], list[list[int]]], list[str]]:
-    """``(batch_encode, vocabulary)`` for a WordPiece vocab file, loaded once per process.
-
-    ``batch_encode`` maps strings to id lists without [CLS]/[SEP] (the project's ``tokenization.BertTokenizer``
-    fast path, backed by the Rust ``tokenizers`` library); ``vocabulary[i]`` is the token of id i.
-    """
-    import tokenization
-
-    tokenizer = tokenization.BertTokenizer(vocab_file, do_lower_case=do_lower_case)
-    vocabulary = [tokenizer.ids_to_tokens[i] for i in range(len(tokenizer.ids_to_tokens))]
-    missing = [t for t in ("[CLS]", "[SEP]", "[MASK]") if t not in tokenizer.vocab]
-    if missing:
-        raise ValueError(f"vocab file {vocab_file} lacks the special tokens {missing}")
-    return tokenizer.batch_encode, vocabulary
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Reading source text
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def find_source_files(path: str | os.PathLike, lang: Optional[str] = None) -> list[Path]:
+def find_source_files(path: PathLike, lang: str | None = None) -> list[Path]:
     """All ``*.txt`` files under a source directory, sorted; ``<path>/<lang>`` is used when it exists (LDDL layout)."""
     root = Path(path)
     if lang and (root / lang).is_dir():
@@ -222,7 +146,8 @@ def find_source_files(path: str | os.PathLike, lang: Optional[str] = None) -> li
     return files
 
 
-def plan_blocks(files: Sequence[Path], num_blocks: Optional[int] = None, block_size: Optional[int] = None) -> list[tuple[str, int, int]]:
+def plan_blocks(files: Sequence[Path], num_blocks: int | None = None,
+                block_size: int | None = None) -> list[tuple[str, int, int]]:
     """Cut files into byte ranges ``(path, start, end)`` of about ``block_size`` bytes (or total / ``num_blocks``)."""
     sizes = [f.stat().st_size for f in files]
     total = sum(sizes)
@@ -250,7 +175,7 @@ def read_block_lines(path: str, start: int, end: int) -> list[str]:
     return lines
 
 
-def read_block(block: tuple[str, int, int], block_index: int, sample_ratio: float, seed: int) -> "pd.DataFrame":
+def read_block(block: tuple[str, int, int], block_index: int, sample_ratio: float, seed: int) -> pd.DataFrame:
     """One block as a DataFrame ``{key, text}``: sampled documents (id stripped) with random shuffle keys."""
     import pandas as pd
 
@@ -273,12 +198,6 @@ def read_block(block: tuple[str, int, int], block_index: int, sample_ratio: floa
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def partition_file_names(index: int, num_bins: Optional[int]) -> list[str]:
-    """Names of the (pre-balancing) files of partition ``index``: ``part.<i>.parquet`` or one per bin."""
-    base = f"part.{index}.parquet"
-    return [base] if num_bins is None else [f"{base}_{b}" for b in range(num_bins)]
-
-
 def build_partition(texts: Sequence[str], index: int, config: PreprocessConfig) -> dict[str, Any]:
     """Turn one partition's documents into pairs and write its Parquet file(s) under ``config.sink``.
 
@@ -296,13 +215,10 @@ def build_partition(texts: Sequence[str], index: int, config: PreprocessConfig) 
         return _write_hdf5_partition(documents, instances, index, config, vocabulary, np_rng)
     vocab = pa.array(vocabulary, type=pa.string())
     mask_id = vocabulary.index("[MASK]") if config.masking else -1
-    schema = lddl_schema(config.masking, config.bin_size is not None)
     names = partition_file_names(index, config.num_bins)
-    sink = Path(config.sink)
-    temporary = [sink / f".{name}.{os.getpid()}.tmp" for name in names]
-    writers = [pq.ParquetWriter(str(path), schema) for path in temporary]
     rows = [0] * len(names)
-    try:
+    paths = [Path(config.sink) / name for name in names]
+    with parquet_writers(paths, lddl_schema(config.masking, config.bin_size is not None)) as writers:
         for begin in range(0, len(instances), ROW_GROUP_SIZE):
             chunk = instances.take(np.arange(begin, min(begin + ROW_GROUP_SIZE, len(instances))))
             pairs = pair_tokens(documents, chunk)
@@ -321,11 +237,6 @@ def build_partition(texts: Sequence[str], index: int, config: PreprocessConfig) 
                 if selected.num_rows:
                     writer.write_table(selected)
                     rows[b] += selected.num_rows
-    finally:
-        for writer in writers:
-            writer.close()
-    for path, name in zip(temporary, names):
-        os.replace(path, sink / name)
     return {
         "files": dict(zip(names, rows)),
         "documents": len(documents),
@@ -334,31 +245,14 @@ def build_partition(texts: Sequence[str], index: int, config: PreprocessConfig) 
     }
 
 
-def hdf5_file_name(index: int) -> str:
-    """Name of partition ``index``'s HDF5 file ("training" in it, as the reference's era-A loader selects files)."""
-    return f"training_{index}.hdf5"
-
-
-def _write_hdf5_partition(documents, instances, index: int, config: PreprocessConfig, vocabulary: list[str],
-                          np_rng: np.random.Generator) -> dict[str, Any]:
+def _write_hdf5_partition(documents: TokenizedDocuments, instances: Instances, index: int, config: PreprocessConfig,
+                          vocabulary: list[str], np_rng: np.random.Generator) -> dict[str, Any]:
     """Write a partition's pairs as one reference-format HDF5 file (always statically masked); skip if empty."""
-    from data.create_pretraining_data import write_hdf5
-    from data.instances import padded_features
-
-    ids = {token: i for i, token in enumerate(vocabulary)}
-
-    def blocks():
-        for begin in range(0, len(instances), ROW_GROUP_SIZE):
-            chunk = instances.take(np.arange(begin, min(begin + ROW_GROUP_SIZE, len(instances))))
-            pairs = pair_tokens(documents, chunk)
-            masked = mask_pairs(pairs, np_rng, config.masked_lm_ratio, len(vocabulary), ids["[MASK]"],
-                                config.max_predictions_per_seq)
-            yield padded_features(pairs, masked, chunk.is_random_next, config.target_seq_length,
-                                  config.max_predictions_per_seq, ids["[CLS]"], ids["[SEP]"])
-
     name = hdf5_file_name(index)
     if len(instances):
-        write_hdf5(Path(config.sink) / name, blocks(), len(instances), config.target_seq_length,
+        blocks = hdf5_blocks(documents, instances, vocabulary, np_rng, config.masked_lm_ratio, config.target_seq_length,
+                             config.max_predictions_per_seq, ROW_GROUP_SIZE)
+        write_hdf5(Path(config.sink) / name, blocks, len(instances), config.target_seq_length,
                    config.max_predictions_per_seq)
     return {
         "files": {name: len(instances)} if len(instances) else {},
@@ -368,7 +262,7 @@ def _write_hdf5_partition(documents, instances, index: int, config: PreprocessCo
     }
 
 
-def _build_partition_frame(frame: "pd.DataFrame", index: int, config: PreprocessConfig) -> dict[str, Any]:
+def _build_partition_frame(frame: pd.DataFrame, index: int, config: PreprocessConfig) -> dict[str, Any]:
     """``build_partition`` on a shuffled DataFrame partition, ordered by shuffle key so the output is deterministic."""
     frame = frame.sort_values("key", kind="stable")
     return build_partition(frame["text"].tolist(), index, config)
@@ -382,11 +276,11 @@ def _build_partition_frame(frame: "pd.DataFrame", index: int, config: Preprocess
 def preprocess(
     config: PreprocessConfig,
     sources: Sequence[Path],
-    client: "Client",
-    num_blocks: Optional[int] = None,
-    block_size: Optional[int] = None,
+    client: Client,
+    num_blocks: int | None = None,
+    block_size: int | None = None,
     balance: bool = True,
-    num_shards: Optional[int] = None,
+    num_shards: int | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline on a ``dask.distributed`` client; returns counts and the ``.num_samples.json`` map.
 
@@ -438,7 +332,7 @@ def preprocess(
     return report
 
 
-def make_client(args: argparse.Namespace) -> "Client":
+def make_client(args: argparse.Namespace) -> Client:
     """A ``dask.distributed`` client: a new LocalCluster, or an existing scheduler (address, file, or dask-mpi)."""
     import logging
 
@@ -481,7 +375,7 @@ def parse_bytes(text: str) -> int:
     return value
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The LDDL ``preprocess_bert_pretrain`` flags (plus scheduler-connection and balancing options)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sources = parser.add_argument_group("input and output")
@@ -494,11 +388,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     sources.add_argument("--wikipedia-lang", type=str, default="en",
                          help="Subdirectory of --wikipedia to read when it exists (LDDL: source/<lang>).")
     sources.add_argument("--sink", type=str, required=True,
-                         help="Output directory (must hold no Parquet files yet); gets the shards and .num_samples.json.")
+                         help="Output directory (must hold no Parquet files yet); gets the shards and "
+                              ".num_samples.json.")
     sources.add_argument("--output-format", choices=["parquet", "hdf5"], default="parquet",
-                         help="parquet: LDDL shards (era B); hdf5: reference era-A files, statically masked, one per partition.")
+                         help="parquet: LDDL shards (era B); hdf5: reference era-A files, statically masked, one per "
+                              "partition.")
     sources.add_argument("--vocab-file", type=str, default=str(DEFAULT_VOCAB),
-                         help="WordPiece vocab.txt path (no hub ids: nothing is downloaded); default: bundled uncased vocab.")
+                         help="WordPiece vocab.txt path (no hub ids: nothing is downloaded); default: bundled uncased "
+                              "vocab.")
     sources.add_argument("--do-lower-case", action=argparse.BooleanOptionalAction, default=True,
                          help="Lower-case and strip accents before WordPiece (must match the vocab; default on).")
 
@@ -512,17 +409,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     pairs.add_argument("--sample-ratio", type=float, default=0.9,
                        help="Fraction of documents kept (a seeded Bernoulli draw per document).")
     pairs.add_argument("--seed", type=int, default=12345,
-                       help="Seed of every random choice; the output is reproducible for a seed, input and --num-blocks.")
+                       help="Seed of every random choice; the output is reproducible for a seed, input and "
+                            "--num-blocks.")
     pairs.add_argument("--masking", action=argparse.BooleanOptionalAction, default=False,
-                       help="Static masking in the shards (adds masked_lm_positions/labels); default: dynamic, in the loader.")
+                       help="Static masking in the shards (adds masked_lm_positions/labels); default: dynamic, in the "
+                            "loader.")
     pairs.add_argument("--masked-lm-ratio", type=float, default=0.15,
-                       help="Fraction of each sequence's tokens masked with --masking (80%% [MASK], 10%% random, 10%% kept).")
+                       help="Fraction of each sequence's tokens masked with --masking (80%% [MASK], 10%% random, 10%% "
+                            "kept).")
     pairs.add_argument("--max-predictions-per-seq", type=int, default=None,
                        help="Cap on masked positions per sequence (LDDL: none); required for, and the width of, HDF5.")
     pairs.add_argument("--bin-size", type=int, default=None,
                        help="Sequence-length bin width (must divide --target-seq-length); writes one file per bin.")
     pairs.add_argument("--sentence-splitter", choices=["auto", "blingfire", "regex"], default="auto",
-                       help="Sentence splitter: blingfire (no model download), regex, or auto (blingfire if installed).")
+                       help="Sentence splitter: blingfire (no model download), regex, or auto (blingfire if "
+                            "installed).")
 
     sharding = parser.add_argument_group("partitioning and shards")
     size = sharding.add_mutually_exclusive_group()
@@ -533,7 +434,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     sharding.add_argument("--num-shards", type=int, default=None,
                           help="Balance into this many shards instead of one per partition.")
     sharding.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
-                          help="Balance the Parquet parts into equal shards at the end (default on; see data.balance_shards).")
+                          help="Balance the Parquet parts into equal shards at the end (default on; see "
+                               "data.balance_shards).")
 
     cluster = parser.add_argument_group("dask cluster")
     cluster.add_argument("--schedule", choices=["local", "mpi"], default="local",
@@ -541,7 +443,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     cluster.add_argument("--scheduler-address", type=str, default=None,
                          help="Join a running scheduler (e.g. tcp://host:8786) instead of starting one.")
     cluster.add_argument("--scheduler-file", type=str, default=None,
-                         help="Join the scheduler described by this file (dask-scheduler --scheduler-file, SLURM jobs).")
+                         help="Join the scheduler described by this file (dask-scheduler --scheduler-file, SLURM "
+                              "jobs).")
     cluster.add_argument("--local-n-workers", type=int, default=os.cpu_count() or 1,
                          help="Worker processes of the LocalCluster.")
     cluster.add_argument("--local-threads-per-worker", type=int, default=1,
@@ -563,7 +466,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 DEFAULT_BLOCK_BYTES = 32 << 20
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
     args = parse_args(argv)
     config = PreprocessConfig(

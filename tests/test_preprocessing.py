@@ -1,4 +1,4 @@
-"""Tests for the pre-training data pipeline: extraction, sentence splitting, instances, Parquet/HDF5 shards, balancing."""
+"""Tests for the pre-training data pipeline: extraction, sentence splitting, instances, Parquet/HDF5 shards, balance."""
 from __future__ import annotations
 
 import bz2
@@ -16,9 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, shared_path
+
 from data import balance_shards, create_pretraining_data, extract_wikipedia, preprocess_pretraining
+from data.formats import HDF5_DTYPES
 from data.instances import (
     create_instances,
     mask_pairs,
@@ -26,9 +27,10 @@ from data.instances import (
     tokenize_documents,
     truncated_lengths,
 )
-from data.preprocess_pretraining import PreprocessConfig, load_wordpiece, preprocess, serialize_uint16
+from data.preprocess_pretraining import PreprocessConfig, preprocess
 from data.sample.build_sample import wikitext_articles
 from data.sentences import split_sentences_blingfire, split_sentences_regex
+from tokenization import load_wordpiece
 
 VOCAB_FILE = REPO / "vocab" / "vocab"
 SAMPLE_SOURCE = REPO / "data" / "sample" / "source"
@@ -65,7 +67,8 @@ def sequence(row: dict) -> list[str]:
 
 
 def wikitext_documents(*names: str) -> list[list[str]]:
-    lines = [line for name in names for line in shared_path("wikitext-2", name).read_text(encoding="utf-8").splitlines()]
+    lines = [line for name in names
+             for line in shared_path("wikitext-2", name).read_text(encoding="utf-8").splitlines()]
     return [split_sentences_blingfire(text) for _, text in wikitext_articles(lines)]
 
 
@@ -178,16 +181,6 @@ def test_static_masking_statistics_on_wikitext(wordpiece):
         changed = set(np.flatnonzero(full_masked[i] != full_orig[i]).tolist())
         chosen = set(masked.positions[masked.offsets[i]:masked.offsets[i + 1]].tolist())
         assert changed <= chosen and 0 not in chosen and len(full_orig[i]) - 1 not in chosen
-
-
-def test_serialized_positions_are_np_save_bytes():
-    values = np.array([3, 7, 9, 1, 2], dtype=np.int64)
-    blobs = serialize_uint16(values, np.array([0, 3, 3, 5]))
-    for blob, expected in zip(blobs, ([3, 7, 9], [], [1, 2])):
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(expected, dtype=np.uint16))
-        assert blob == buffer.getvalue()
-        assert np.load(io.BytesIO(blob)).dtype == np.uint16
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -346,9 +339,9 @@ def test_create_pretraining_data_writes_the_reference_hdf5_schema(tmp_path):
     vocab = VOCAB_FILE.read_text(encoding="utf-8").split("\n")
     cls, sep, mask = vocab.index("[CLS]"), vocab.index("[SEP]"), vocab.index("[MASK]")
     with h5py.File(output) as handle:
-        assert sorted(handle) == sorted(create_pretraining_data.HDF5_DTYPES)
+        assert sorted(handle) == sorted(HDF5_DTYPES)
         n = len(handle["next_sentence_labels"])
-        for name, dtype in create_pretraining_data.HDF5_DTYPES.items():
+        for name, dtype in HDF5_DTYPES.items():
             assert handle[name].dtype == np.dtype(dtype) and handle[name].compression == "gzip"
             assert handle[name].shape[0] == n
         arrays = {name: handle[name][:] for name in handle}
@@ -368,7 +361,8 @@ def test_create_pretraining_data_writes_the_reference_hdf5_schema(tmp_path):
         assert count == min(20, max(1, round(length * 0.15)))
         assert list(positions[:count]) == sorted(positions[:count]) and positions[count - 1] < length - 1
         assert first_b - 1 not in positions[:count]
-    masked = arrays["input_ids"][np.arange(n)[:, None], arrays["masked_lm_positions"]][arrays["masked_lm_positions"] > 0]
+    positions = arrays["masked_lm_positions"]
+    masked = arrays["input_ids"][np.arange(n)[:, None], positions][positions > 0]
     assert 0.7 < np.mean(masked == mask) < 0.9
 
 
@@ -395,7 +389,8 @@ FIXTURE_PAGES = [
      "== References ==\n{{reflist}}\n[[Category:Crustaceans]]\n[[de:Hummer]]"),
     (11, 0, "Homard", "Lobster", "#REDIRECT [[Lobster]]"),
     (12, 1, "Talk:Lobster", None, "This talk page text must not be extracted."),
-    (13, 0, "Mercury (disambiguation)", None, "'''Mercury''' may refer to:\n* [[Mercury (planet)]]\n{{disambiguation}}"),
+    (13, 0, "Mercury (disambiguation)", None,
+     "'''Mercury''' may refer to:\n* [[Mercury (planet)]]\n{{disambiguation}}"),
     (14, 0, "Crab", None,
      "'''Crabs''' are [[decapod]] crustaceans of the [[infraorder]] Brachyura. They typically have a very short "
      "projecting tail. Crabs live in all the world's oceans, in fresh water, and on land.\n\nMany crabs are eaten by "
@@ -413,7 +408,8 @@ def write_dump(path: Path, copies: int = 1) -> Path:
     for copy in range(copies):
         for page_id, ns, title, redirect, text in FIXTURE_PAGES:
             parts.append(
-                f"  <page>\n    <title>{escape(title)}</title>\n    <ns>{ns}</ns>\n    <id>{page_id + 100 * copy}</id>\n"
+                f"  <page>\n    <title>{escape(title)}</title>\n    <ns>{ns}</ns>\n"
+                f"    <id>{page_id + 100 * copy}</id>\n"
                 + (f'    <redirect title="{escape(redirect)}" />\n' if redirect else "")
                 + f"    <revision>\n      <id>{900 + page_id}</id>\n      <model>wikitext</model>\n"
                 f'      <text bytes="{len(text)}" xml:space="preserve">{escape(text)}</text>\n'
@@ -445,8 +441,11 @@ def test_extraction_in_parallel_matches_serial_and_rolls_files(tmp_path):
     parallel = extract_wikipedia.extract(dump, tmp_path / "parallel", num_workers=2, shard_bytes=4096,
                                          batch_bytes=2048)
     assert len(parallel.files) > 3 and serial.stats["written"] == parallel.stats["written"] == 120
-    text = lambda d: "".join(Path(f).read_text(encoding="utf-8") for f in sorted(
-        Path(d).glob("*.txt"), key=lambda p: int(p.stem)))
+
+    def text(directory: Path) -> str:
+        files = sorted(directory.glob("*.txt"), key=lambda path: int(path.stem))
+        return "".join(path.read_text(encoding="utf-8") for path in files)
+
     assert text(tmp_path / "serial") == text(tmp_path / "parallel")
     assert not list((tmp_path / "parallel").glob(".*"))  # no temporary files left
     with pytest.raises(FileExistsError):

@@ -15,10 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import REPO, shared_path
 from tokenizers import BertWordPieceTokenizer
 
-from conftest import REPO, shared_path
-from data.pretraining_dataset import ShardError, get_pretraining_data_loader
+from data import create_pretraining_data, preprocess_pretraining
+from data.formats import ShardError
+from data.pretraining_dataset import get_pretraining_data_loader
 
 VOCAB_FILE = REPO / "vocab" / "vocab"
 VOCAB = {line.rstrip("\n"): i for i, line in enumerate(VOCAB_FILE.read_text(encoding="utf-8").splitlines(True))}
@@ -467,11 +469,11 @@ def lddl_source(directory: Path) -> Path:
 
 
 def run_preprocess(tmp_path: Path, name: str, *flags: str) -> Path:
-    preprocess = pytest.importorskip("data.preprocess_pretraining")
     sink = tmp_path / name
-    assert preprocess.main(["--wikipedia", str(lddl_source(tmp_path / f"{name}-source")), "--sink", str(sink),
-                            "--num-blocks", "3", "--local-n-workers", "1", "--duplicate-factor", "2",
-                            "--target-seq-length", "64", "--sentence-splitter", "regex", *flags]) == 0
+    source = lddl_source(tmp_path / f"{name}-source")
+    assert preprocess_pretraining.main(["--wikipedia", str(source), "--sink", str(sink), "--num-blocks", "3",
+                                        "--local-n-workers", "1", "--duplicate-factor", "2", "--target-seq-length",
+                                        "64", "--sentence-splitter", "regex", *flags]) == 0
     return sink
 
 
@@ -513,7 +515,6 @@ def test_loads_statically_masked_binned_preprocess_output(tmp_path):
 
 
 def test_loads_create_pretraining_data_hdf5(tmp_path):
-    create = pytest.importorskip("data.create_pretraining_data")
     text = (REPO / "vocab" / "LICENSE").read_text(encoding="utf-8")
     documents = [re.split(r"(?<=[.;:])\s+", " ".join(p.split())) for p in re.split(r"\n\s*\n", text)
                  if len(p.split()) > 20]
@@ -521,8 +522,9 @@ def test_loads_create_pretraining_data_hdf5(tmp_path):
     source.write_text("\n\n".join("\n".join(d) for d in documents) + "\n", encoding="utf-8")
     output = tmp_path / "hdf5" / "licence_training_0.hdf5"
     output.parent.mkdir()
-    assert create.main(["--vocab_file", str(VOCAB_FILE), "--input_file", str(source), "--output_file", str(output),
-                        "--max_seq_length", "64", "--max_predictions_per_seq", "10", "--dupe_factor", "2"]) == 0
+    assert create_pretraining_data.main(["--vocab_file", str(VOCAB_FILE), "--input_file", str(source),
+                                         "--output_file", str(output), "--max_seq_length", "64",
+                                         "--max_predictions_per_seq", "10", "--dupe_factor", "2"]) == 0
     with h5py.File(output) as handle:
         stored = {key: handle[key][:] for key in handle}
     expected = collections.Counter()
