@@ -13,7 +13,9 @@ LDDL Parquet (reference section 6.3, era B): columns ``A``, ``B`` (space-joined 
 bytes of a uint16 array of positions in ``[CLS] A [SEP] B [SEP]``) and ``masked_lm_labels`` (space-joined original
 tokens); when binned also ``bin_id`` (int64; bin b holds sequences of ``b*bin_size+1 .. (b+1)*bin_size`` tokens).
 Balanced shards are ``shard-<i>.parquet`` (binned: ``shard-<i>.parquet_<bin_id>``) with ``.num_samples.json`` (file
-name -> samples) beside them; the pipeline's parts before balancing are ``part.<i>.parquet[_<bin_id>]``.
+name -> samples) beside them; the pipeline's parts before balancing are ``part.<i>.parquet[_<bin_id>]``. While
+``data.balance_shards`` moves new shards in and old parts out, ``.balance-commit.json`` lies beside them, and the
+loader refuses the directory until a rerun of the balancing has finished.
 
 Every file is written to a temporary name and renamed when complete (``file_utils.atomic_path``).
 """
@@ -196,6 +198,7 @@ def read_hdf5_rows(path: str, lo: int, hi: int) -> dict[str, np.ndarray]:
 PAIR_COLUMNS = ("A", "B", "is_random_next")
 STATIC_MASK_COLUMNS = ("masked_lm_positions", "masked_lm_labels")
 NUM_SAMPLES_FILE = ".num_samples.json"  # LDDL's balance step: shard basename -> number of samples
+BALANCE_COMMIT_FILE = ".balance-commit.json"  # present while data.balance_shards moves shards in and inputs out
 
 _PARQUET_NAME = re.compile(r"\.parquet(?:_(\d+))?$")  # shard-3.parquet, or shard-3.parquet_<bin_id> when binned
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data.formats import (
+    BALANCE_COMMIT_FILE,
     HDF5_DTYPES,
     NUM_SAMPLES_FILE,
     PAIR_COLUMNS,
@@ -72,7 +73,8 @@ def find_shards(input_dir: PathLike) -> ShardSet:
     Raises:
         FileNotFoundError: the directory is missing or holds no shards (the message names it).
         ShardError: a shard is unreadable/truncated, has the wrong schema, or disagrees with ``.num_samples.json``;
-            or the directory mixes formats, binned and unbinned, or statically and dynamically masked shards.
+            the directory mixes formats, binned and unbinned, or statically and dynamically masked shards; or a
+            balancing of it was interrupted (``data.balance_shards`` completes it).
     """
     root = os.fspath(input_dir)
     if not os.path.isdir(root):
@@ -86,6 +88,9 @@ def find_shards(input_dir: PathLike) -> ShardSet:
             path = os.path.join(directory, name)
             if name == NUM_SAMPLES_FILE:
                 counts_files.append(path)
+            elif name == BALANCE_COMMIT_FILE:
+                raise ShardError(f"{path}: a balancing of these shards was interrupted half-way (old and new shards "
+                                 f"are both present); run python -m data.balance_shards again to complete it")
             elif is_parquet_name(name):
                 parquet.append((path, parquet_bin_id(name)))
             elif is_hdf5_name(name):

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import bz2
+import collections
 import functools
 import http.server
 import io
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -19,7 +24,7 @@ import pytest
 from conftest import REPO, shared_path
 
 from data import balance_shards, create_pretraining_data, extract_wikipedia, preprocess_pretraining
-from data.formats import HDF5_DTYPES
+from data.formats import HDF5_DTYPES, ShardError
 from data.instances import (
     create_instances,
     mask_pairs,
@@ -30,6 +35,7 @@ from data.instances import (
 from data.preprocess_pretraining import PreprocessConfig, preprocess
 from data.sample.build_sample import wikitext_articles
 from data.sentences import split_sentences_blingfire, split_sentences_regex
+from data.shards import find_shards
 from tokenization import load_wordpiece
 
 VOCAB_FILE = REPO / "vocab" / "vocab"
@@ -293,7 +299,8 @@ def test_sink_with_shards_is_refused(client, tmp_path):
 # Balancing
 # ---------------------------------------------------------------------------------------------------------------------
 
-def write_parts(directory: Path, sizes: list[int], row_group_size: int = 7) -> list[str]:
+def write_parts(directory: Path, sizes: list[int], row_group_size: int = 7, name: str = "part.{}.parquet") -> list[str]:
+    """Parquet files of one string column holding "sample <n>", n counting up through the files; returns them all."""
     directory.mkdir(parents=True, exist_ok=True)
     texts, n = [], 0
     for i, size in enumerate(sizes):
@@ -301,7 +308,7 @@ def write_parts(directory: Path, sizes: list[int], row_group_size: int = 7) -> l
         n += size
         texts += values
         table = pa.table({"A": pa.array(values, pa.string()), "num_tokens": pa.array(range(size), pa.uint16())})
-        pq.write_table(table, directory / f"part.{i}.parquet", row_group_size=row_group_size)
+        pq.write_table(table, directory / name.format(i), row_group_size=row_group_size)
     return texts
 
 
@@ -325,6 +332,132 @@ def test_balance_cli_drop_remainder_keep_orig_and_outdir(tmp_path):
     assert list(counts.values()) == [5, 5, 5, 5]
     assert (tmp_path / "parts" / "part.0.parquet").exists()
     assert balance_shards.main(["--indir", str(tmp_path / "empty"), "--num-shards", "2"]) == 2
+
+
+def samples_on_disk(directory: Path) -> collections.Counter:
+    """Samples in every Parquet file under ``directory``, hidden staging folders included (not temporaries)."""
+    return collections.Counter(value for path in directory.rglob("*.parquet*") if not path.name.endswith(".tmp")
+                               for value in pq.read_table(path).column("A").to_pylist())
+
+
+def balanced_exactly(directory: Path, texts: list[str], num_shards: int) -> bool:
+    """The finished state: only the shards and their counts, every sample once, in order, nothing else left over."""
+    names = [f"shard-{i}.parquet" for i in range(num_shards)]
+    rows = [value for name in names for value in pq.read_table(directory / name).column("A").to_pylist()]
+    counts = json.loads((directory / ".num_samples.json").read_text())
+    return (sorted(p.name for p in directory.iterdir()) == sorted([".num_samples.json", *names]) and rows == texts
+            and counts == {name: pq.read_metadata(directory / name).num_rows for name in names})
+
+
+# Runs data.balance_shards in a child process whose first deletion of an input kills it with SIGKILL: the moment
+# between moving the new shards into place and deleting the inputs. Both os.unlink and Path.unlink are wrapped, as
+# Path.unlink does not call os.unlink on every Python version.
+KILL_AT_FIRST_INPUT_DELETION = """
+import os, pathlib, signal, sys
+sys.path.insert(0, sys.argv[1])
+from data import balance_shards
+
+inputs = set(sys.argv[2].split(","))
+real_unlink, real_path_unlink = os.unlink, pathlib.Path.unlink
+
+def kill_if_input(path):
+    if os.path.basename(os.fspath(path)) in inputs:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def unlink(path, *args, **kwargs):
+    kill_if_input(path)
+    return real_unlink(path, *args, **kwargs)
+
+def path_unlink(self, missing_ok=False):
+    kill_if_input(self)
+    return real_path_unlink(self, missing_ok)
+
+os.unlink, os.remove, pathlib.Path.unlink = unlink, unlink, path_unlink
+sys.exit(balance_shards.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("name", ["part.{}.parquet", "shard-{}.parquet"], ids=["parts", "in-place-same-names"])
+def test_balance_killed_between_moving_shards_in_and_deleting_inputs_loses_nothing(tmp_path, name):
+    directory = tmp_path / "parts"
+    texts = write_parts(directory, [50, 0, 3, 120, 9], name=name)
+    inputs = sorted(p.name for p in directory.iterdir())
+    child = subprocess.run([sys.executable, "-c", KILL_AT_FIRST_INPUT_DELETION, str(REPO), ",".join(inputs),
+                            "--indir", str(directory), "--num-shards", "3"], capture_output=True, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    visible = {p.name for p in directory.iterdir() if not p.name.startswith(".")}
+    assert {f"shard-{i}.parquet" for i in range(3)} <= visible  # the new shards went in first ...
+    assert set(inputs) <= visible  # ... and no input was deleted before that
+    in_place = [value for i in range(3) for value in pq.read_table(directory / f"shard-{i}.parquet")["A"].to_pylist()]
+    assert in_place == texts  # the shards in place hold every sample
+    with pytest.raises(ShardError, match="interrupted"):  # old and new shards side by side: the loader refuses
+        find_shards(directory)
+    counts = balance_shards.balance_shards(directory, 3)  # the rerun completes the job
+    assert counts == {"shard-0.parquet": 61, "shard-1.parquet": 61, "shard-2.parquet": 60}
+    assert balanced_exactly(directory, texts, 3)
+
+
+def interrupt_at(monkeypatch, owner, name: str, nth: int, matches) -> None:
+    """Make ``owner.name`` (``os.replace``, ``Path.unlink``) raise KeyboardInterrupt at its ``nth`` matching call."""
+    real = getattr(owner, name)
+    seen = []
+
+    def wrapper(path, *args, **kwargs):
+        if matches(path, *args):
+            seen.append(path)
+            if len(seen) == nth:
+                raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+def inject_failure(monkeypatch, where: str, directory: Path, inputs: list[str]) -> None:
+    if where == "writing shards":  # step 1: the inputs are untouched
+        real_write_shard = balance_shards.write_shard
+        written = []
+
+        def write_shard(plan):
+            if written:
+                raise OSError("disk full")
+            written.append(plan)
+            return real_write_shard(plan)
+
+        monkeypatch.setattr(balance_shards, "write_shard", write_shard)
+    elif where == "moving shards in":  # step 3: one shard moved, the others still staged
+        interrupt_at(monkeypatch, os, "replace", 2, lambda source, target: Path(source).parent.name.startswith(
+            ".balance-") and Path(target).parent == directory)
+    else:  # step 4, after the first input is gone
+        interrupt_at(monkeypatch, Path, "unlink", 2, lambda path: path.name in inputs)
+
+
+@pytest.mark.parametrize("where", ["writing shards", "moving shards in", "deleting inputs"])
+@pytest.mark.parametrize("name", ["part.{}.parquet", "shard-{}.parquet"], ids=["parts", "in-place-same-names"])
+def test_balance_interrupted_anywhere_loses_nothing_and_a_rerun_finishes(tmp_path, monkeypatch, name, where):
+    directory = tmp_path / "parts"
+    texts = write_parts(directory, [50, 0, 3, 120, 9], name=name)
+    with monkeypatch.context() as patch:
+        inject_failure(patch, where, directory, sorted(p.name for p in directory.iterdir()))
+        with pytest.raises((OSError, KeyboardInterrupt)):
+            balance_shards.balance_shards(directory, 3)
+    on_disk = samples_on_disk(directory)
+    assert not collections.Counter(texts) - on_disk  # every sample is still in the old or the new files
+    if where == "writing shards":
+        assert on_disk == collections.Counter(texts) and not list(directory.glob(".*"))  # as if never run
+    balance_shards.balance_shards(directory, 3)
+    assert balanced_exactly(directory, texts, 3)
+
+
+def test_balance_rerun_with_other_arguments_completes_then_balances_anew(tmp_path, monkeypatch):
+    directory = tmp_path / "parts"
+    texts = write_parts(directory, [50, 0, 3, 120, 9])
+    inputs = sorted(p.name for p in directory.iterdir())
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, Path, "unlink", 1, lambda path: path.name in inputs)
+        with pytest.raises(KeyboardInterrupt):
+            balance_shards.balance_shards(directory, 3)
+    assert balance_shards.balance_shards(directory, 2) == {"shard-0.parquet": 91, "shard-1.parquet": 91}
+    assert balanced_exactly(directory, texts, 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
