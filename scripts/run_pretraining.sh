@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Two-phase BERT pre-training (phase 1: seq 128, phase 2: seq 512) with the reference's 32 positional arguments.
-# Shards are prepared from the Wikipedia source text first when a phase's data folder is empty.
+# Shards are prepared from the Wikipedia source text first when a phase's data folder is empty. By default the
+# phases read $BERT_PREP_WORKING_DIR/pretrain/phase1/unbinned/parquet/ and .../pretrain/phase2/bin_size_64/parquet/
+# (what data/create_datasets_from_start.sh writes; BERT_PREP_WORKING_DIR defaults to <repository>/data), and
+# phase2_bin_size (#30) is 64: none, 32, 64, 128, 256 or 512.
 # Usage: bash scripts/run_pretraining.sh [train_batch_size] [learning_rate] [precision] [num_gpus] ...
+#        bash scripts/run_pretraining.sh $(source scripts/configs/pretrain_config.sh && dgxa100-80g_8gpu_fp16)
 #        bash scripts/run_pretraining.sh $(source scripts/configs/pretrain_config.sh && cpu_demo)
 set -euo pipefail
 
@@ -30,8 +34,8 @@ learning_rate_phase2=${17:-"4e-3"}
 warmup_proportion_phase2=${18:-"0.128"}
 train_steps_phase2=${19:-1563}
 gradient_accumulation_steps_phase2=${20:-512}
-DATA_DIR_PHASE1=${21:-$BERT_PREP_WORKING_DIR/pretrain/phase1/parquet/}
-DATA_DIR_PHASE2=${22:-$BERT_PREP_WORKING_DIR/pretrain/phase2/parquet/}
+DATA_DIR_PHASE1=${21:-$BERT_PREP_WORKING_DIR/pretrain/phase1/unbinned/parquet/}
+DATA_DIR_PHASE2=${22:-$BERT_PREP_WORKING_DIR/pretrain/phase2/bin_size_64/parquet/}
 CODEDIR=${23:-$CODEDIR_DEFAULT}
 init_checkpoint=${24:-"None"}
 wikipedia_source=${25:-$BERT_PREP_WORKING_DIR/wikipedia/source/}
@@ -39,9 +43,15 @@ num_dask_workers=${26:-$(nproc)}
 num_shards_per_worker=${27:-128}
 num_workers=${28:-4}
 sample_ratio=${29:-0.9}
-phase2_bin_size=${30:-"none"}
+phase2_bin_size=${30:-64}
 masking=${31:-"static"}
 BERT_CONFIG=${32:-bert_configs/large.json}
+
+case "$phase2_bin_size" in
+  none|32|64|128|256|512) ;;
+  *) echo "run_pretraining.sh: phase2_bin_size (argument 30) must be none, 32, 64, 128, 256 or 512," \
+       "got '$phase2_bin_size'" >&2; exit 1 ;;
+esac
 
 VOCAB_FILE=${VOCAB_FILE:-vocab/vocab}
 RESULTS_DIR=${RESULTS_DIR:-$CODEDIR/results}
@@ -82,7 +92,8 @@ run_phase() {  # $1 = phase name, rest = arguments of run_pretraining.py
   local name=$1; shift
   local logfile=/dev/null
   if [ "$create_logfile" = "true" ]; then
-    logfile=$RESULTS_DIR/$job_name.pyt_bert_pretraining_${name}_${precision}_gbs$((train_batch_size * procs)).$(date +%y%m%d%H%M%S).log
+    local gbs=$((train_batch_size * procs))
+    logfile=$RESULTS_DIR/$job_name.pyt_bert_pretraining_${name}_${precision}_gbs$gbs.$(date +%y%m%d%H%M%S).log
   fi
   echo "${LAUNCH[*]} run_pretraining.py $*"
   set -o pipefail
