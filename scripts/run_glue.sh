@@ -3,7 +3,7 @@
 # Usage: bash scripts/run_glue.sh [init_checkpoint] [data_dir] [vocab_file] [config_file] [out_dir] [task_name]
 #          [num_gpu] [batch_size] [gradient_accumulation_steps] [learning_rate] [warmup_proportion] [epochs]
 #          [max_steps] [precision] [seed] [mode]
-#        bash scripts/run_glue.sh $(source scripts/configs/glue_config.sh && mrpc_dgxa100_8gpu_fp16)
+#        bash scripts/run_glue.sh $(source scripts/configs/glue_config.sh && mrpc_dgxa100-80g_8gpu_fp16)
 #        bash scripts/run_glue.sh $(source scripts/configs/glue_config.sh && cpu_demo)
 # mode holds any of "train", "eval", "prediction" (substring match; default "train eval"). precision is fp16,
 # bf16, tf32 or fp32. num_gpu 0 runs on the CPU; without "train" in mode one process is used (evaluation and

@@ -2,7 +2,7 @@
 # SQuAD fine-tuning / prediction / evaluation with the reference's 14 positional arguments (era-B order).
 # Usage: bash scripts/run_squad.sh [init_checkpoint] [epochs] [batch_size] [learning_rate] [warmup_proportion]
 #          [precision] [num_gpu] [seed] [squad_dir] [vocab_file] [OUT_DIR] [mode] [CONFIG_FILE] [max_steps]
-#        bash scripts/run_squad.sh $(source scripts/configs/squad_config.sh && dgxa100_8gpu_fp16)
+#        bash scripts/run_squad.sh $(source scripts/configs/squad_config.sh && dgxa100-80g_8gpu_fp16)
 #        bash scripts/run_squad.sh $(source scripts/configs/squad_config.sh && cpu_demo)
 # mode: "train" (fine-tune only), "eval" (predict and score), "prediction" (predict only); anything else, e.g. the
 # default "train eval", does all three, as the reference. squad_dir holds train-v1.1.json and dev-v1.1.json (or,

