@@ -300,6 +300,7 @@ class ShardReader:
         self._max_tables = len({shard.bin_id for shard in shard_set.shards}) + 1
 
     def read(self, shard: Shard, lo: int, hi: int) -> PairRows | FixedRows:
+        """Rows ``[lo, hi)`` of ``shard`` as checked ids; any problem is a ShardError naming the file."""
         try:
             if self.shard_set.format == "hdf5":
                 return _fixed_rows_from_arrays(read_hdf5_rows(shard.path, lo, hi), self.max_seq_length)

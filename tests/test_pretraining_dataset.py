@@ -1,4 +1,5 @@
-"""Tests for data/pretraining_dataset.py: batch layout, masking, sharding, determinism, resume and bad shards."""
+"""Tests for the pre-training loader (data/pretraining_dataset.py, data/shards.py, data/batches.py): batch layout,
+masking, sharding, determinism, resume and bad shards."""
 from __future__ import annotations
 
 import collections
