@@ -10,10 +10,9 @@ import re
 import secrets
 import shutil
 import tarfile
-import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
@@ -505,16 +504,26 @@ def _fetch_s3(url: str, partial: Path, progress: bool) -> None:
 
 _ZIP_SUFFIXES = (".zip",)
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+_TAR_DATA_FILTER = getattr(tarfile, "data_filter", None)
+"""The stdlib's "data" extraction filter (Python >= 3.11.4, 3.10.12), a second guard behind our own checks."""
+_MAX_LINK_HOPS = 40  # Linux's limit on symlinks followed in one path lookup (ELOOP beyond it)
 
 
 def safe_extract(archive: PathLike, dest: PathLike, *, overwrite: bool = False) -> Path:
     """Extract a zip or tar (plain, .gz, .bz2, .xz) archive into folder ``dest`` in one step; return ``dest``.
 
-    Every member is checked before anything is written: an absolute path, a ``..`` component, a symlink or hard
-    link whose target leaves ``dest``, or a device / FIFO entry raises :class:`UnsafeArchiveError` naming the
-    member (zip symlink entries are written as small regular files by :mod:`zipfile`, so they cannot escape).
+    Every member is checked before anything is written, by resolving its path as the filesystem will, through the
+    symlinks that earlier members of the same archive create (``l1 -> .`` then ``l1/l2 -> ..`` makes
+    ``l1/l2/x`` land beside ``dest``): a member whose resolved path leaves ``dest``, an absolute path or ``..``
+    component, a symlink or hard link whose resolved target leaves ``dest`` (also after later members are in
+    place), a symlink loop, or a device / FIFO entry raises :class:`UnsafeArchiveError` naming the archive and the
+    member. These checks do not depend on the stdlib's tar filters, which older Pythons lack; where they exist
+    they run as well. Zip symlink entries are written as small regular files by :mod:`zipfile`, so they cannot
+    escape; a zip whose member would need a file entry as its folder is refused too.
+
     Members go to a temporary folder beside ``dest`` that is renamed to ``dest`` only when extraction finished, so
-    ``dest`` is either absent or complete. An existing ``dest`` is an error unless ``overwrite`` replaces it.
+    ``dest`` is either absent or complete; ``dest`` gets the permissions of a folder made by ``mkdir`` (0o777 less
+    the umask). An existing ``dest`` is an error unless ``overwrite`` replaces it.
     """
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
@@ -529,11 +538,11 @@ def safe_extract(archive: PathLike, dest: PathLike, *, overwrite: bool = False) 
     else:
         raise ValueError(f"{archive} is neither a zip nor a tar archive")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".extracting", dir=dest.parent))
+    tmp = _make_temp_dir(dest, "extracting")
     try:
         extract(archive, tmp)
         if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            old = _make_temp_dir(dest, "old")
             os.replace(dest, old / dest.name)
             os.replace(tmp, dest)
             shutil.rmtree(old, ignore_errors=True)
@@ -545,38 +554,134 @@ def safe_extract(archive: PathLike, dest: PathLike, *, overwrite: bool = False) 
     return dest
 
 
-def _check_member(archive: Path, name: str, link: str | None = None, hardlink: bool = False) -> None:
-    """Raise :class:`UnsafeArchiveError` if member ``name`` (or the ``link`` target it points to) leaves the root."""
+def _make_temp_dir(dest: Path, kind: str) -> Path:
+    """Create ``.<dest name>.<8 hex digits>.<kind>`` beside ``dest`` with ``mkdir``'s permissions (mkdtemp: 0o700)."""
+    while True:
+        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.{kind}")
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _member_parts(archive: Path, name: str) -> list[str]:
+    """The components of member ``name``; an absolute path, a drive letter or a ``..`` is refused."""
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or (len(name) > 1 and name[1] == ":") or ".." in path.parts:
         raise UnsafeArchiveError(f"{archive}: refusing member {name!r}, whose path leaves the extraction folder")
-    if link is None:
-        return
-    target = PurePosixPath(link.replace("\\", "/"))
-    # A symlink target is relative to the link's folder; a tar hard-link target is relative to the archive root.
-    resolved = os.path.normpath(str(target if hardlink else path.parent / target))
-    if target.is_absolute() or resolved == ".." or resolved.startswith("../"):
-        kind = "hard link" if hardlink else "symlink"
-        raise UnsafeArchiveError(f"{archive}: refusing {kind} member {name!r} -> {link!r}, which points outside "
-                                 "the extraction folder")
+    return list(path.parts)
+
+
+class _ArchiveTree:
+    """The symlinks an archive has created so far, to resolve member paths as the kernel will after extraction.
+
+    Paths are tuples of components below the extraction folder; ``None`` stands for "outside it".
+    """
+
+    def __init__(self, archive: Path) -> None:
+        self.archive = archive
+        self.links: dict[tuple[str, ...], tuple[str, str]] = {}  # location -> (link target, member name)
+
+    def resolve(self, parts: Sequence[str], member: str) -> tuple[str, ...] | None:
+        """Where ``parts`` (from the extraction folder) ends up after following the symlinks created so far, the
+        last component included; ``member`` is named in the error for a symlink loop."""
+        resolved: list[str] = []
+        pending = list(parts)
+        hops = 0
+        while pending:
+            part = pending.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not resolved:
+                    return None  # above the extraction folder
+                resolved.pop()
+                continue
+            location = (*resolved, part)
+            if location in self.links:
+                hops += 1
+                if hops > _MAX_LINK_HOPS:
+                    raise UnsafeArchiveError(f"{self.archive}: refusing member {member!r}, whose path goes through "
+                                             f"a symlink loop at {'/'.join(location)!r}")
+                target = self.links[location][0].replace("\\", "/")
+                if target.startswith("/") or (len(target) > 1 and target[1] == ":"):
+                    return None
+                pending = target.split("/") + pending  # relative to the folder holding the link
+                continue
+            resolved.append(part)
+        return tuple(resolved)
+
+    def add_member(self, name: str, link: str | None = None, hardlink: bool = False) -> None:
+        """Check a member against the tree so far and record it; raise :class:`UnsafeArchiveError` if it escapes."""
+        parts = _member_parts(self.archive, name)
+        if link is None or hardlink:
+            # Files and folders are written through a symlink already at their path (open() and chmod() follow
+            # it), and a hard link over an existing path falls back to writing the file there.
+            if self.resolve(parts, name) is None:
+                raise UnsafeArchiveError(f"{self.archive}: refusing member {name!r}, which an earlier symlink "
+                                         "of the archive sends outside the extraction folder")
+            # A hard link's target is a path from the extraction folder (tarfile joins it to the folder).
+            target = PurePosixPath(link.replace("\\", "/")) if hardlink else None
+            if target is not None and (target.is_absolute() or (len(link) > 1 and link[1] == ":")
+                                       or self.resolve(target.parts, name) is None):
+                raise UnsafeArchiveError(f"{self.archive}: refusing hard link member {name!r} -> {link!r}, which "
+                                         "points outside the extraction folder")
+            return
+        if not parts:
+            raise UnsafeArchiveError(f"{self.archive}: refusing symlink member {name!r} at the extraction folder")
+        folder = self.resolve(parts[:-1], name)
+        if folder is None:
+            raise UnsafeArchiveError(f"{self.archive}: refusing symlink member {name!r}, which an earlier symlink "
+                                     "of the archive sends outside the extraction folder")
+        location = (*folder, parts[-1])
+        self.links[location] = (link, name)
+        if self.resolve(location, name) is None:
+            raise UnsafeArchiveError(f"{self.archive}: refusing symlink member {name!r} -> {link!r}, which points "
+                                     "outside the extraction folder")
+
+    def check_final(self) -> None:
+        """Every symlink must still resolve inside once all members are in place (a later link can redirect an
+        earlier one: ``a -> b/..`` is inside until ``b -> .`` arrives)."""
+        for location, (link, name) in self.links.items():
+            if self.resolve(location, name) is None:
+                raise UnsafeArchiveError(f"{self.archive}: refusing symlink member {name!r} -> {link!r}, which "
+                                         "points outside the extraction folder once the archive's other links "
+                                         "are in place")
 
 
 def _extract_zip(archive: Path, root: Path) -> None:
     with zipfile.ZipFile(archive) as handle:
-        for info in handle.infolist():
-            _check_member(archive, info.filename)
+        infos = handle.infolist()
+        files: dict[tuple[str, ...], str] = {}
+        for info in infos:
+            parts = tuple(_member_parts(archive, info.filename))
+            if not info.is_dir() and parts:
+                files[parts] = info.filename
+        for info in infos:
+            parts = tuple(_member_parts(archive, info.filename))
+            for depth in range(1, len(parts)):
+                if parts[:depth] in files:
+                    raise UnsafeArchiveError(
+                        f"{archive}: refusing member {info.filename!r}, whose folder is the file member "
+                        f"{files[parts[:depth]]!r} (a symlink entry, which is extracted as a plain file?)")
         handle.extractall(root)
 
 
 def _extract_tar(archive: Path, root: Path) -> None:
     with tarfile.open(archive) as handle:
         members = handle.getmembers()
+        tree = _ArchiveTree(archive)
         for member in members:
             if member.ischr() or member.isblk() or member.isfifo():
                 raise UnsafeArchiveError(f"{archive}: refusing special-file member {member.name!r}")
-            _check_member(archive, member.name, member.linkname if member.issym() or member.islnk() else None,
-                          hardlink=member.islnk())
-        if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: the stdlib's own checks as a second guard
-            handle.extractall(root, members=members, filter="data")
-        else:
+            tree.add_member(member.name, member.linkname if member.issym() or member.islnk() else None,
+                            hardlink=member.islnk())
+        tree.check_final()
+        if _TAR_DATA_FILTER is None:
             handle.extractall(root, members=members)
+            return
+        try:
+            handle.extractall(root, members=members, filter=_TAR_DATA_FILTER)
+        except tarfile.FilterError as exc:
+            raise UnsafeArchiveError(f"{archive}: refusing member {exc.tarinfo.name!r}: {exc}") from exc

@@ -422,3 +422,92 @@ def test_safe_extract_rejects_non_archives(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("plain text")
     with pytest.raises(ValueError, match="notes.txt"):
         safe_extract(tmp_path / "notes.txt", tmp_path / "out")
+
+
+CHAIN = [("l1", tarfile.SYMTYPE, "."), ("l1/l2", tarfile.SYMTYPE, ".."), ("l1/l2/escape.txt", tarfile.REGTYPE, "")]
+"""``l1 -> .`` then ``l1/l2 -> ..``: each link alone stays inside by its own path, together they lead out."""
+
+
+@pytest.fixture(params=["stdlib filter", "no stdlib filter"])
+def tar_filter(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the stdlib's tar "data" filter and again without it (as on Pythons that lack it), so that
+    passing proves the project's own checks refuse what they must."""
+    if request.param == "no stdlib filter":
+        monkeypatch.setattr(file_utils, "_TAR_DATA_FILTER", None)
+    elif file_utils._TAR_DATA_FILTER is None:
+        pytest.skip("this Python has no tarfile.data_filter")
+    return request.param
+
+
+@pytest.mark.parametrize("members, refused", [
+    (CHAIN, "l1/l2"),
+    ([("a", tarfile.DIRTYPE, ""), ("a/up", tarfile.SYMTYPE, "../.."), ("a/up/x.txt", tarfile.REGTYPE, "")], "a/up"),
+    # Each link is inside when it is added; the later `b -> .` turns `a -> b/..` into the folder's parent.
+    ([("a", tarfile.SYMTYPE, "b/.."), ("b", tarfile.SYMTYPE, ".")], "a"),
+    ([("l1", tarfile.SYMTYPE, "."), ("hard", tarfile.LNKTYPE, "l1/../secret")], "hard"),
+    ([("loop1", tarfile.SYMTYPE, "loop2"), ("loop2", tarfile.SYMTYPE, "loop1"), ("loop1/x", tarfile.REGTYPE, "")],
+     "loop2"),
+], ids=["chain", "dir-link-up", "later-link-redirects", "hardlink-through-link", "loop"])
+def test_safe_extract_resolves_symlink_chains(tmp_path: Path, tar_filter: str, members: list, refused: str) -> None:
+    archive = _tar(tmp_path / "chain.tar", [_member(*m) for m in members], mode="w")
+    calls = []
+    real_extractall = tarfile.TarFile.extractall
+
+    def extractall(self, *args, **kwargs):  # records whether extraction started at all
+        calls.append(kwargs.get("filter"))
+        return real_extractall(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tarfile.TarFile, "extractall", extractall)
+        with pytest.raises(UnsafeArchiveError) as info:
+            safe_extract(archive, tmp_path / "out" / "dest")
+    message = str(info.value)
+    assert message.startswith(f"{archive}: refusing") and repr(refused) in message and "\n" not in message
+    assert calls == []  # refused by the project's own check, before tarfile wrote anything
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chain.tar", "out"]
+    assert list((tmp_path / "out").iterdir()) == []  # no escape.txt beside dest, no temporary folder left
+
+
+def test_safe_extract_keeps_links_that_stay_inside(tmp_path: Path, tar_filter: str) -> None:
+    members = [_member("d", tarfile.DIRTYPE), _member("here", tarfile.SYMTYPE, "."),
+               _member("here/d/f.txt"), _member("d/up", tarfile.SYMTYPE, ".."), _member("d/up/g.txt"),
+               _member("d/sub", tarfile.DIRTYPE), _member("d/sub/back", tarfile.SYMTYPE, "../f.txt"),
+               _member("d/hard", tarfile.LNKTYPE, "here/d/f.txt")]
+    out = safe_extract(_tar(tmp_path / "ok.tar", members, mode="w"), tmp_path / "out")
+    assert (out / "d" / "f.txt").read_bytes() == b"payload" and (out / "g.txt").read_bytes() == b"payload"
+    assert (out / "d" / "sub" / "back").resolve() == (out / "d" / "f.txt").resolve()
+    assert (out / "d" / "hard").read_bytes() == b"payload"
+
+
+def test_safe_extract_zip_chain_is_refused_not_followed(tmp_path: Path) -> None:
+    # zipfile writes symlink entries as plain files; the chain's third member would need `l1` as a folder.
+    archive = tmp_path / "chain.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for name, target in (("l1", "."), ("l1/l2", "..")):
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (0o120777 << 16)  # S_IFLNK: a symlink entry as Info-ZIP stores it
+            handle.writestr(info, target)
+        handle.writestr("l1/l2/escape.txt", b"evil")
+    with pytest.raises(UnsafeArchiveError, match=r"chain\.zip: refusing member 'l1/l2'.*'l1'"):
+        safe_extract(archive, tmp_path / "out" / "dest")
+    assert list((tmp_path / "out").iterdir()) == []
+    # Without the member that needs it as a folder, a symlink entry is a small plain file inside the folder.
+    with zipfile.ZipFile(tmp_path / "link.zip", "w") as handle:
+        info = zipfile.ZipInfo("l1")
+        info.external_attr = (0o120777 << 16)
+        handle.writestr(info, "..")
+    out = safe_extract(tmp_path / "link.zip", tmp_path / "link")
+    assert not (out / "l1").is_symlink() and (out / "l1").read_text() == ".."
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_safe_extract_gives_the_folder_mkdir_permissions(tmp_path: Path, kind: str) -> None:
+    archive = (_zip(tmp_path / "a.zip", {"d/f.txt": b"x"}) if kind == "zip" else
+               _tar(tmp_path / "a.tar.gz", [_member("d/f.txt")]))
+    old = os.umask(0o027)
+    try:
+        out = safe_extract(archive, tmp_path / "out")
+        out2 = safe_extract(archive, tmp_path / "out", overwrite=True)
+    finally:
+        os.umask(old)
+    assert out == out2 and out.stat().st_mode & 0o777 == 0o750  # 0o777 & ~umask, as mkdir gives (mkdtemp: 0o700)
