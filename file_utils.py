@@ -132,7 +132,14 @@ def save_checkpoint(obj: Any, path: PathLike) -> None:
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:
-    """Load a ``torch.save`` file with ``weights_only=True`` (never full pickle); clear errors name the file."""
+    """Load a ``torch.save`` file with ``weights_only=True`` (never full pickle); clear errors name the file.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, or holds Python objects besides tensors and
+            plain containers (which only a full unpickling, able to run arbitrary code, could rebuild).
+    """
+    import pickle
+
     import torch
 
     path = Path(path)
@@ -140,11 +147,32 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated / corrupt / unsafe files
+    except pickle.UnpicklingError as exc:
+        detail = _weights_only_detail(str(exc))
+        if "global" not in detail.lower():  # an opcode the safe unpickler does not know: not a torch.save file
+            raise CheckpointError(f"cannot read checkpoint {path}: not a torch.save file (truncated, corrupt or "
+                                  f"written by another program; torch: {detail})") from exc
+        convert = (f"python -c \"import torch; c = torch.load({str(path)!r}, weights_only=False); "
+                   f"torch.save({{'model': c.get('model', c) if isinstance(c, dict) else c.state_dict()}}, "
+                   f"{str(path) + '.weights.pt'!r})\"")
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            " (the file may be truncated, corrupt, or contain objects that are not plain tensors/containers)"
-        ) from exc
+            f"checkpoint {path} is not loaded: it holds Python objects other than tensors and plain containers "
+            "(dicts, lists, numbers, strings), and unpickling those can run arbitrary code. If you trust the file, "
+            f"convert it once to plain weights with {convert} and use the new file (torch: {detail})") from exc
+    except Exception as exc:  # torch raises several types for truncated / corrupt files
+        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first[:300]} (the file may be "
+                              "truncated or corrupt)") from exc
+
+
+def _weights_only_detail(message: str) -> str:
+    """The cause in torch's weights_only refusal (which global or opcode), without its advice to load unsafely."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    cause = next((line for line in lines if "GLOBAL" in line), None)
+    if cause is None:
+        cause = next((line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else "")
+    cause = cause.removeprefix("WeightsUnpickler error:").strip()
+    return cause.split(". ")[0].rstrip(".")[:300]
 
 
 def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:

@@ -1,11 +1,15 @@
 """file_utils: atomic writes, checkpoints, cached downloads (http with Range, s3 via moto), safe extraction."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import os
+import pickle
 import re
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import zipfile
@@ -198,6 +202,42 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="missing.pt"):
         load_checkpoint(tmp_path / "missing.pt")
     assert sha256sum(tmp_path / "bad.pt") == hashlib.sha256(b"not a checkpoint").hexdigest()
+
+
+class _WritesMarker:
+    """Unpickling this runs ``Path(marker).write_text("pwned")``: what a malicious checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_load_checkpoint_refuses_arbitrary_objects_with_its_own_explanation(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "extra": _WritesMarker(marker)}, evil)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(evil)
+    message = str(info.value)
+    assert not marker.exists()  # nothing of the pickle ran
+    assert message.startswith(f"checkpoint {evil} is not loaded: it holds Python objects other than tensors")
+    assert "arbitrary code" in message and "convert it" in message and "\n" not in message
+    assert "Re-running" not in message and "trusted source" not in message  # torch's own advice is left out
+    assert message.index("(torch: ") > message.index("convert it")  # torch's detail comes last, shortened
+    # The suggested conversion works on a trusted file of that kind, and its output then loads safely.
+    trusted = tmp_path / "trusted.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1.0)}, trusted)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(trusted)
+    command = re.search(r'python -c "(.*)" and use', str(info.value)).group(1)
+    subprocess.run([sys.executable, "-c", command], check=True, timeout=120)
+    assert torch.equal(load_state_dict_file(tmp_path / "trusted.pt.weights.pt")["w"], torch.ones(2))
+    # A file torch.save did not write is "not a torch.save file", not one holding objects.
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with pytest.raises(CheckpointError, match=r"plain\.pkl: not a torch\.save file \(truncated, corrupt"):
+        load_checkpoint(tmp_path / "plain.pkl")
 
 
 # --- cached_path / download_file over HTTP ---------------------------------------------------------------------
