@@ -366,6 +366,15 @@ class BertConfig:
             raise ValueError(f"--max_seq_length {max_seq_length} exceeds max_position_embeddings "
                              f"{self.max_position_embeddings} of --config_file {config_file}")
 
+    # The fields that shape the weights: two configs that differ in one cannot share a state dict.
+    ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size", "max_position_embeddings", "type_vocab_size", "pad_vocab_size_multiple")
+
+    def architecture_differences(self, other: dict[str, Any]) -> list[str]:
+        """``"name: <other's> vs <ours>"`` for each architecture field in which the config dict ``other`` differs."""
+        return [f"{name} {other[name]} vs {getattr(self, name)}" for name in self.ARCHITECTURE_FIELDS
+                if name in other and other[name] != getattr(self, name)]
+
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {**self.extra, **values}
@@ -436,8 +445,14 @@ def _rename(key: str, renames: tuple[tuple[str, str], ...]) -> str:
     return key
 
 
+# A checkpoint's vocabulary padding is a few rows (the reference pads 30522 to 30528; some pad to a multiple of
+# 128): more extra rows than this mean the config's vocab is smaller than the checkpoint's real one.
+MAX_PADDING_ROWS = 128
+
+
 def _fit_vocab_rows(source: str, key: str, tensor: Tensor, config: BertConfig, rows: int, pad_value: float) -> Tensor:
-    """Pad or trim the vocabulary dimension (dim 0). Only rows at or past config.vocab_size, i.e. padding, change."""
+    """Pad or trim the vocabulary dimension (dim 0). Only rows at or past config.vocab_size, i.e. padding, change;
+    trimming real vocabulary rows (a config whose vocab is smaller than the checkpoint's) is an error."""
     if tensor.shape[0] == rows:
         return tensor
     if tensor.shape[0] < config.vocab_size:
@@ -446,6 +461,12 @@ def _fit_vocab_rows(source: str, key: str, tensor: Tensor, config: BertConfig, r
             f"vocab_size={config.vocab_size} (model {rows} rows)"
         )
     if tensor.shape[0] > rows:
+        if tensor.shape[0] - config.vocab_size >= MAX_PADDING_ROWS:
+            raise ValueError(
+                f"{source}: {key} has {tensor.shape[0]} vocabulary rows but the config's vocab_size is "
+                f"{config.vocab_size}: {tensor.shape[0] - rows} rows would be cut, more than padding "
+                "(use the config the checkpoint was trained with)"
+            )
         return tensor[:rows]
     padding = tensor.new_full((rows - tensor.shape[0], *tensor.shape[1:]), pad_value)
     return torch.cat([tensor, padding])
@@ -515,10 +536,11 @@ class BertPreTrainedModel(nn.Module):
         pads or trims padding rows of the vocabulary (padded word-embedding rows are zero; padded MLM-bias rows are
         -10000, so the padded vocabulary takes no probability mass and logits stay equal to the source model's).
 
-        Raises ValueError on a shape mismatch (naming the key and both shapes), on any missing embedding or encoder
-        tensor, and, when `strict`, on any missing or unexpected tensor. Otherwise missing pooler/head tensors keep
-        their fresh initialisation and unexpected tensors are skipped; both are logged, and the returned report
-        (also `self.load_report`) lists them.
+        Raises ValueError on a shape mismatch (naming the key and both shapes), on any missing or unexpected
+        embedding or encoder tensor (nothing of the encoder is dropped silently), on real vocabulary rows that would
+        be trimmed, and, when `strict`, on any missing or unexpected tensor. Otherwise missing pooler/head tensors
+        keep their fresh initialisation and unexpected head tensors (another task's) are skipped; both are logged,
+        and the returned report (also `self.load_report`) lists them.
         """
         report = LoadReport(source=source)
         expected = self.state_dict()
@@ -540,6 +562,12 @@ class BertPreTrainedModel(nn.Module):
             raise ValueError(
                 f"{source}: {len(base_missing)} embedding/encoder tensors are missing, e.g. "
                 f"{', '.join(base_missing[:5])} (is this a BERT checkpoint of this config?)"
+            )
+        base_unexpected = [k for k in report.unexpected if k.startswith(base)]
+        if base_unexpected:  # e.g. a config with fewer layers than the checkpoint: never drop encoder weights
+            raise ValueError(
+                f"{source}: {len(base_unexpected)} embedding/encoder tensors have no place in this model, e.g. "
+                f"{', '.join(base_unexpected[:5])} (the config has fewer layers or other sizes than the checkpoint)"
             )
         if strict and (report.missing or report.unexpected):
             raise ValueError(f"{source}: strict load failed; missing {report.missing}, unexpected {report.unexpected}")

@@ -24,7 +24,7 @@ from data.glue import (
     features_to_tensors,
     get_processor,
 )
-from file_utils import atomic_write, sha256sum
+from file_utils import CheckpointError, atomic_write, sha256sum
 from modeling import IGNORE_INDEX, BertConfig, BertForSequenceClassification
 from optimization import FINETUNING_NO_DECAY, build_optimizer, param_groups
 from schedulers import LinearWarmUpScheduler
@@ -67,7 +67,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--learning_rate", type=float, default=5e-5, help="Peak AdamW learning rate.")
     other.add_argument("--num_train_epochs", type=float, default=3.0,
                        help="Passes over the training set (may be fractional); ignored when --max_steps > 0.")
-    other.add_argument("--max_steps", type=float, default=-1.0,
+    other.add_argument("--max_steps", type=utils.step_count, default=-1,
                        help="Optimizer steps to train when > 0 (overrides --num_train_epochs and sets the schedule).")
     other.add_argument("--warmup_proportion", type=float, default=0.1,
                        help="Fraction of the training steps over which the learning rate rises linearly.")
@@ -91,9 +91,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Neither read nor write the features cache.")
     other.add_argument("--log_freq", type=int, default=1, help="Log the training loss every N optimizer steps.")
     other.add_argument("--disable_progress_bar", action="store_true", help="No tqdm bars.")
-    args = parser.parse_args(argv)
-    args.max_steps = int(args.max_steps)
-    return args
+    return parser.parse_args(argv)
 
 
 def check_arguments(args: argparse.Namespace, world_size: int) -> None:
@@ -102,10 +100,9 @@ def check_arguments(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("at least one of --do_train, --do_eval or --do_predict must be set")
     if args.do_train:
         utils.check_batch_arithmetic(args.train_batch_size, args.gradient_accumulation_steps, world_size)
-        if args.max_steps <= 0 and not args.num_train_epochs > 0:
-            raise ValueError(f"--num_train_epochs must be > 0 (or --max_steps > 0), got {args.num_train_epochs}")
-        if not args.learning_rate > 0:
-            raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
+        utils.check_positive_finite(learning_rate=args.learning_rate)
+        if args.max_steps <= 0:
+            utils.check_positive_finite(num_train_epochs=args.num_train_epochs)
         if not 0.0 <= args.warmup_proportion < 1.0:
             raise ValueError(f"--warmup_proportion must be in [0, 1), got {args.warmup_proportion}")
     if args.eval_batch_size < 1:
@@ -342,6 +339,10 @@ def execute(args: argparse.Namespace, run: utils.Run) -> dict[str, Any]:
 
     model = BertForSequenceClassification.from_pretrained(args.init_checkpoint, config=config,
                                                           num_labels=processor.num_labels)
+    missing_head = [key for key in model.load_report.missing if key.startswith("classifier.")]
+    if missing_head and not args.do_train:  # a random classifier would score chance and exit 0
+        raise CheckpointError(f"--init_checkpoint {args.init_checkpoint} has no classifier ({', '.join(missing_head)} "
+                              "missing): fine-tune it with --do_train before --do_eval or --do_predict")
     model.to(run.device)
     run.dllog.log(step="PARAMETER", data={"num_parameters": sum(p.numel() for p in model.parameters()),
                                           "init_checkpoint_load": str(model.load_report)})

@@ -40,7 +40,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--train_batch_size", type=int, default=32,
                        help="Sequences per rank per optimizer step, before division by --gradient_accumulation_steps.")
     other.add_argument("--learning_rate", type=float, default=5e-5, help="Peak LAMB learning rate.")
-    other.add_argument("--max_steps", type=float, default=1000,
+    other.add_argument("--max_steps", type=utils.step_count, default=1000,
                        help="Optimizer steps of this phase (sets the schedule).")
     other.add_argument("--warmup_proportion", type=float, default=0.01,
                        help="Fraction of --max_steps spent warming the learning rate up linearly.")
@@ -89,9 +89,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Run the MLM head on every position instead of the masked ones only.")
     other.add_argument("--compile", action="store_true", help="torch.compile the model (replaces TorchScript/NVFuser).")
     other.add_argument("--no_cuda", action="store_true", help="Run on the CPU even when a GPU is present.")
-    args = parser.parse_args(argv)
-    args.max_steps = int(args.max_steps)
-    return args
+    return parser.parse_args(argv)
 
 
 def check_arguments(args: argparse.Namespace, world_size: int) -> None:
@@ -101,6 +99,9 @@ def check_arguments(args: argparse.Namespace, world_size: int) -> None:
     utils.check_batch_arithmetic(args.train_batch_size, args.gradient_accumulation_steps, world_size)
     if args.max_steps < 1:
         raise ValueError(f"--max_steps must be >= 1, got {args.max_steps}")
+    utils.check_positive_finite(learning_rate=args.learning_rate, init_loss_scale=args.init_loss_scale)
+    if args.keep_checkpoints < 1:
+        raise ValueError(f"--keep_checkpoints must be >= 1, got {args.keep_checkpoints}")
     if not 0.0 <= args.warmup_proportion < 1.0:
         raise ValueError(f"--warmup_proportion must be in [0, 1), got {args.warmup_proportion}")
     if args.log_freq < 1 or args.num_steps_per_checkpoint < 1:
@@ -113,35 +114,41 @@ def check_arguments(args: argparse.Namespace, world_size: int) -> None:
                          "pass --resume_from_checkpoint to continue, or choose an empty folder")
 
 
-def find_resume_checkpoint(args: argparse.Namespace, manager: utils.CheckpointManager) -> tuple[Path | None, bool]:
-    """The checkpoint this run starts from, and whether it continues a run in --output_dir.
+def find_resume_checkpoint(args: argparse.Namespace, manager: utils.CheckpointManager
+                           ) -> tuple[Path | None, dict | None, bool]:
+    """The checkpoint this run starts from, its content when already loaded, and whether it continues a run in
+    --output_dir.
 
-    With --resume_from_checkpoint the run's own checkpoints win (ckpt_<resume_step>.pt, else the newest), so a
-    preempted and requeued job resumes where it stopped; --init_checkpoint is the start only when there are none.
+    With --resume_from_checkpoint the run's own checkpoints win (ckpt_<resume_step>.pt, else the newest that loads:
+    a truncated newest one is skipped with a warning), so a preempted and requeued job resumes where it stopped;
+    --init_checkpoint is the start only when there are none.
     """
     if args.resume_from_checkpoint:
         if args.resume_step >= 0:
             path = manager.path_for(args.resume_step)
             if not path.is_file():
                 raise CheckpointError(f"--resume_step {args.resume_step}: {path} does not exist")
-            return path, True
-        if manager.latest() is not None:
-            return manager.latest(), True
+            return path, manager.load(path), True
+        found = manager.newest_loadable()
+        if found is not None:
+            return found[0], found[1], True
     if args.init_checkpoint:
-        return Path(args.init_checkpoint), False
+        return Path(args.init_checkpoint), None, False
     if args.phase2:
         raise CheckpointError(f"--phase2: no ckpt_<step>.pt from phase 1 in --output_dir {args.output_dir} "
                               "and no --init_checkpoint")
-    return None, False
+    return None, None, False
 
 
-def restore(path: Path, continuing: bool, args: argparse.Namespace, parts: utils.TrainParts,
-            state: utils.TrainState, manager: utils.CheckpointManager) -> dict | None:
+def restore(path: Path, checkpoint: dict | None, continuing: bool, args: argparse.Namespace, config: BertConfig,
+            run_env: utils.RunEnv, parts: utils.TrainParts, state: utils.TrainState,
+            manager: utils.CheckpointManager) -> dict | None:
     """Load a checkpoint into the run. Returns the saved data-loader position when continuing the same phase.
 
     * this run's own checkpoint of the same phase: everything is restored, strictly;
     * phase 1 -> phase 2, or an --init_checkpoint that is a training checkpoint: the model and LAMB moments
-      carry over, the step, schedule, scaler and data position start afresh (the reference's phase-2 rule);
+      carry over, the step, schedule, scaler and data position start afresh (the reference's phase-2 rule), and
+      that checkpoint is never pruned;
     * a weights-only file (Hugging Face, a fine-tuned or reference export): the model only.
     """
     model = utils.unwrap_model(parts.model)
@@ -149,27 +156,44 @@ def restore(path: Path, continuing: bool, args: argparse.Namespace, parts: utils
         weights = find_weights_file(path)
         model.load_weights(load_state_dict_file(weights), source=str(weights))
         return None
-    checkpoint = manager.load(path) if path.suffix != ".safetensors" else {"model": load_state_dict_file(path)}
+    if checkpoint is None:
+        checkpoint = manager.load(path) if path.suffix != ".safetensors" else {"model": load_state_dict_file(path)}
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} does not hold a checkpoint dictionary")
     if "optimizer" not in checkpoint:  # weights only: a reference, Hugging Face or exported state dict
         model.load_weights(checkpoint.get("model", checkpoint), source=str(path))
         return None
-    model.load_state_dict(checkpoint["model"], strict=True)
+    differences = config.architecture_differences(checkpoint.get("config", {}))
+    if differences:
+        trained_with = checkpoint.get("args", {}).get("config_file", "another config")
+        raise CheckpointError(f"{path} was trained with {trained_with}, not --config_file {args.config_file}: "
+                              f"{'; '.join(differences)}")
+    try:
+        model.load_state_dict(checkpoint["model"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit --config_file {args.config_file}: "
+                              f"{str(exc).splitlines()[0]}") from None
     parts.optimizer.load_state_dict(checkpoint["optimizer"])
-    if not (continuing and checkpoint.get("phase", 1) == (2 if args.phase2 else 1)):
+    phase = checkpoint.get("phase", 1)
+    step = manager.step_of(path)
+    if args.phase2 and phase == 1 and step is not None and step > args.phase1_end_step:
+        raise CheckpointError(f"--phase1_end_step {args.phase1_end_step} is below the step of phase 1's checkpoint "
+                              f"{path.name}: phase 2 would number its checkpoints among phase 1's and restart from "
+                              f"phase 1 after a requeue; pass --phase1_end_step {step}")
+    if not (continuing and phase == (2 if args.phase2 else 1)):
+        manager.protect(path)
         for group in parts.optimizer.param_groups:  # new phase: new peak lr; the moments (exp_avg/exp_avg_sq) stay
             group["lr"] = args.learning_rate
             group["initial_lr"] = args.learning_rate
         for param_state in parts.optimizer.state.values():
             if "step" in param_state:
-                step = param_state["step"]
-                param_state["step"] = torch.zeros_like(step) if isinstance(step, torch.Tensor) else 0
+                step_value = param_state["step"]
+                param_state["step"] = torch.zeros_like(step_value) if isinstance(step_value, torch.Tensor) else 0
         return None
     parts.scheduler.load_state_dict(checkpoint["scheduler"])
     parts.scaler.load_state_dict(checkpoint["grad_scaler"])
     state.load_state_dict(checkpoint["train_state"])
-    utils.set_rng_state(checkpoint["rng"])
+    utils.restore_rng_states(checkpoint, run_env.rank, run_env.world_size)
     return checkpoint.get("data_loader")
 
 
@@ -206,11 +230,14 @@ def train(args: argparse.Namespace, run: utils.Run) -> None:
                       vocab_file=args.vocab_file)
     parts = build_parts(args, run, config)
     state = utils.TrainState()
-    manager = utils.CheckpointManager(args.output_dir, keep=args.keep_checkpoints, dllog=run.dllog)
+    manager = utils.CheckpointManager(args.output_dir, keep=args.keep_checkpoints, dllog=run.dllog,
+                                      first_step=args.phase1_end_step if args.phase2 else 0)
     if run.is_main:
         manager.remove_stale_temporaries()
-    start, continuing = find_resume_checkpoint(args, manager)
-    data_state = restore(start, continuing, args, parts, state, manager) if start is not None else None
+    start, checkpoint, continuing = find_resume_checkpoint(args, manager)
+    data_state = None
+    if start is not None:
+        data_state = restore(start, checkpoint, continuing, args, config, run.env, parts, state, manager)
     micro_batch = args.train_batch_size // args.gradient_accumulation_steps
     loader = get_pretraining_data_loader(
         args.input_dir, vocab_file=args.vocab_file, batch_size=micro_batch, rank=run.env.rank,
@@ -224,8 +251,7 @@ def train(args: argparse.Namespace, run: utils.Run) -> None:
             "model": model.state_dict(), "optimizer": parts.optimizer.state_dict(),
             "scheduler": parts.scheduler.state_dict(), "grad_scaler": parts.scaler.state_dict(),
             "train_state": s.state_dict(), "epoch": loader.epoch, "data_loader": loader.state_dict(),
-            "rng": utils.rng_state(), "phase": 2 if args.phase2 else 1, "config": config.to_dict(),
-            "args": vars(args)})
+            "phase": 2 if args.phase2 else 1, "config": config.to_dict(), "args": vars(args)})
     steps_this_run = args.steps_this_run if args.steps_this_run > 0 else args.max_steps
     loop = utils.LoopConfig.from_args(args, max_steps=min(args.max_steps, state.step + steps_this_run),
                                       max_grad_norm=None)  # LAMB clips by the global norm itself

@@ -61,7 +61,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--learning_rate", type=float, default=5e-5, help="Peak AdamW learning rate.")
     other.add_argument("--num_train_epochs", type=float, default=3.0,
                        help="Passes over the training features; sets the length of the lr schedule.")
-    other.add_argument("--max_steps", type=float, default=-1.0,
+    other.add_argument("--max_steps", type=utils.step_count, default=-1,
                        help="If > 0, stop after this many optimizer steps (benchmarking); the schedule still spans "
                             "--num_train_epochs.")
     other.add_argument("--warmup_proportion", type=float, default=0.1,
@@ -101,9 +101,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--skip_cache", action="store_true", help="Don't read or write the train-features cache.")
     other.add_argument("--cache_dir", default=None,
                        help="Folder of the train-features cache (default: beside --train_file).")
-    args = parser.parse_args(argv)
-    args.max_steps = int(args.max_steps)
-    return args
+    return parser.parse_args(argv)
 
 
 def check_arguments(args: argparse.Namespace, world_size: int) -> None:
@@ -128,8 +126,8 @@ def check_arguments(args: argparse.Namespace, world_size: int) -> None:
     if args.max_seq_length <= args.max_query_length + 3:
         raise ValueError(f"--max_seq_length {args.max_seq_length} must exceed --max_query_length "
                          f"{args.max_query_length} + 3 so that each window holds some document")
-    if args.do_train and args.num_train_epochs <= 0:
-        raise ValueError(f"--num_train_epochs must be > 0, got {args.num_train_epochs}")
+    if args.do_train:
+        utils.check_positive_finite(learning_rate=args.learning_rate, num_train_epochs=args.num_train_epochs)
     if not 0.0 <= args.warmup_proportion < 1.0:
         raise ValueError(f"--warmup_proportion must be in [0, 1), got {args.warmup_proportion}")
     files = {"--vocab_file": args.vocab_file, "--config_file": args.config_file,
@@ -290,6 +288,13 @@ def predict(args: argparse.Namespace, model: BertForQuestionAnswering, tokenizer
 
     Returns the summary figures (e2e_inference_time, inference_sequences_per_second, and with --do_eval
     exact_match, F1 and, for v2.0, the HasAns/NoAns/best-threshold figures)."""
+    dataset = squad.load_squad_json(args.predict_file)
+    unanswerable = [qa["id"] for article in dataset["data"] for paragraph in article["paragraphs"]
+                    for qa in paragraph["qas"] if qa.get("is_impossible")]
+    if unanswerable and not args.version_2_with_negative:  # v1 predictions on a v2.0 file score wrongly
+        raise squad.SquadFormatError(
+            f"--predict_file {args.predict_file} is SQuAD v2.0: {len(unanswerable)} questions are marked "
+            f"is_impossible (e.g. {unanswerable[0]}); pass --version_2_with_negative")
     examples, _ = squad.read_squad_examples(args.predict_file, is_training=False,
                                             version_2_with_negative=args.version_2_with_negative)
     features = squad.convert_examples_to_features(examples, tokenizer, args.max_seq_length, args.doc_stride,
@@ -316,7 +321,6 @@ def predict(args: argparse.Namespace, model: BertForQuestionAnswering, tokenizer
                                  "inference_sequences_per_second": len(features) / max(inference_time, 1e-9)}
     if args.do_eval:
         run.dllog.log(step="PARAMETER", data={"eval_start": True})
-        dataset = squad.load_squad_json(args.predict_file)
         try:
             metrics = squad.evaluate(dataset, predictions.answers, args.version_2_with_negative,
                                      predictions.null_odds if args.version_2_with_negative else None)

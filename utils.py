@@ -2,6 +2,7 @@
 checkpoints, dllogger-format logging, progress bars and throughput / MFU accounting."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import json
@@ -11,6 +12,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,9 +125,13 @@ def setup_distributed(no_cuda: bool = False) -> RunEnv:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
-                                timeout=_dt.timedelta(minutes=30),
-                                device_id=device if use_cuda else None)
+        timeout = _dt.timedelta(minutes=30)
+        store, rank, world_size = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        # Keys of each torchrun restart apart: the workers of a restarted group must not read the addresses the
+        # previous (killed) group published in the same store, or they connect to dead ports.
+        store = dist.PrefixStore(f"default_pg/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=store, rank=rank,
+                                world_size=world_size, timeout=timeout, device_id=device if use_cuda else None)
     return RunEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
@@ -150,12 +156,34 @@ def check_batch_arithmetic(train_batch_size: int, gradient_accumulation_steps: i
     """
     if gradient_accumulation_steps < 1:
         raise ValueError(f"--gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
-    if train_batch_size < 1 or train_batch_size % gradient_accumulation_steps:
+    if train_batch_size < 1:
+        raise ValueError(f"--train_batch_size must be a positive number of sequences, got {train_batch_size}")
+    if train_batch_size % gradient_accumulation_steps:
         raise ValueError(
             f"--train_batch_size {train_batch_size} is not divisible by --gradient_accumulation_steps "
             f"{gradient_accumulation_steps}: the micro-batch must be a whole number "
             f"(global batch = micro-batch x {world_size} ranks x {gradient_accumulation_steps} accumulation steps)")
     return train_batch_size // gradient_accumulation_steps
+
+
+def check_positive_finite(**flags: float) -> None:
+    """Raise ValueError naming the flag (``learning_rate=...`` is ``--learning_rate``) when a value is NaN,
+    infinite or not above zero: one NaN learning rate would otherwise be applied and saved."""
+    for name, value in flags.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name} must be a finite number > 0, got {value}")
+
+
+def step_count(text: str) -> int:
+    """argparse type of step counts the reference parses as float (``--max_steps 1e3``): a whole number, never
+    NaN or infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of steps")
+    return int(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,19 +328,26 @@ def _plain(value: Any) -> Any:
 
 
 class JSONStreamBackend:
-    """Writes dllogger's ``DLLL {json}`` lines (one per record) to a file."""
+    """Writes dllogger's ``DLLL {json}`` lines (one per record, flushed at once, so a killed run keeps its log).
+
+    With ``append`` (how ``setup_logger`` opens it) a resumed run, or phase 2 with the same file, adds to the log
+    after a ``run_start`` METADATA record instead of truncating it.
+    """
 
     def __init__(self, verbosity: int, filename: PathLike, append: bool = False) -> None:
         self.verbosity = verbosity
         Path(filename).parent.mkdir(parents=True, exist_ok=True)
         self._file = open(filename, "a" if append else "w", encoding="utf-8")
         self._start = time.time()
+        if append:
+            self.metadata(self._start, 0.0, "run_start", {"argv": sys.argv, "pid": os.getpid()})
 
     def _write(self, record: dict) -> None:
         now = time.time()
         head = {"timestamp": str(now), "datetime": str(_dt.datetime.now(_dt.timezone.utc).astimezone()),
                 "elapsedtime": str(now - self._start)}
         self._file.write("DLLL " + json.dumps({**head, **record}, default=str) + "\n")
+        self._file.flush()
 
     def log(self, timestamp: float, elapsedtime: float, step: Any, data: dict) -> None:
         step = list(step) if isinstance(step, tuple) else step
@@ -389,13 +424,13 @@ def setup_logger(json_path: PathLike | None, enabled: bool | None = None) -> Any
         backends = []
         if enabled:
             if json_path:
-                backends.append(dllogger.JSONStreamBackend(dllogger.Verbosity.VERBOSE, str(json_path)))
+                backends.append(dllogger.JSONStreamBackend(dllogger.Verbosity.VERBOSE, str(json_path), append=True))
             backends.append(dllogger.StdOutBackend(dllogger.Verbosity.VERBOSE, step_format=format_step))
         return dllogger.Logger(backends)
     backends = []
     if enabled:
         if json_path:
-            backends.append(JSONStreamBackend(Verbosity.VERBOSE, json_path))
+            backends.append(JSONStreamBackend(Verbosity.VERBOSE, json_path, append=True))
         backends.append(StdOutBackend(Verbosity.VERBOSE))
     return Logger(backends)
 
@@ -749,6 +784,28 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def gather_rng_states() -> list[dict[str, Any]]:
+    """``rng_state()`` of every rank, in rank order (a collective: every rank must call it)."""
+    if get_world_size() == 1:
+        return [rng_state()]
+    states: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def restore_rng_states(checkpoint: dict[str, Any], rank: int, world_size: int) -> None:
+    """Give this rank the RNG state it saved (``rng_per_rank``), so dropout after a resume is what it would have
+    been; a checkpoint without per-rank states (or from another world size) restores rank 0's everywhere."""
+    per_rank = checkpoint.get("rng_per_rank")
+    if per_rank is not None and len(per_rank) == world_size:
+        set_rng_state(per_rank[rank])
+        return
+    if world_size > 1:
+        log.warning("the checkpoint holds no RNG state per rank for %d ranks; every rank continues from rank 0's",
+                    world_size)
+    set_rng_state(checkpoint["rng"])
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what ``rng_state`` captured."""
     version, keys, gauss = state["python"]
@@ -761,20 +818,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    """Owns ``ckpt_<step>.pt`` files in one folder: atomic saves, keep the newest N, find the newest complete one.
+    """Owns ``ckpt_<step>.pt`` files in one folder: atomic saves, keep the newest N, find the newest loadable one.
 
     Files are written to a hidden temporary name and renamed, so any ``ckpt_<step>.pt`` present is complete and
-    a run killed mid-write leaves the previous checkpoints untouched. Pruning never touches the file just written.
+    a run killed mid-write leaves the previous checkpoints untouched. Pruning deletes only checkpoints numbered
+    above ``first_step`` (phase 2 passes phase 1's last step, so phase 1's checkpoints stay), never a
+    ``protect``-ed one (the checkpoint a phase started from) and never the file just written.
     """
 
     pattern = re.compile(r"^ckpt_(\d+)\.pt$")
 
-    def __init__(self, directory: PathLike, keep: int = 3, dllog: Any = None) -> None:
+    def __init__(self, directory: PathLike, keep: int = 3, dllog: Any = None, first_step: int = 0) -> None:
         if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
+            raise ValueError(f"--keep_checkpoints must be >= 1, got {keep}")
         self.directory = Path(directory)
         self.keep = keep
         self.dllog = dllog or Logger()
+        self.first_step = first_step
+        self.protected: set[Path] = set()
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """(step, path) of every complete checkpoint, oldest first."""
@@ -788,6 +849,31 @@ class CheckpointManager:
         found = self.checkpoints()
         return found[-1][1] if found else None
 
+    def newest_loadable(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that loads, and its content; unreadable newer ones are skipped with a warning.
+
+        Returns None for a folder without checkpoints; raises CheckpointError when none of them loads.
+        """
+        found = self.checkpoints()
+        for _, path in reversed(found):
+            try:
+                return path, self.load(path)
+            except CheckpointError as exc:
+                log.warning("skipping %s, which cannot be loaded (%s); trying the one before it", path.name, exc)
+        if found:
+            raise CheckpointError(f"none of the {len(found)} checkpoints in {self.directory} can be loaded; "
+                                  "start afresh in another folder, or repair one and pick it with --resume_step")
+        return None
+
+    def step_of(self, path: PathLike) -> int | None:
+        """The step in a ``ckpt_<step>.pt`` file name, or None for another name."""
+        match = self.pattern.match(Path(path).name)
+        return int(match.group(1)) if match else None
+
+    def protect(self, path: PathLike) -> None:
+        """Never prune ``path`` (the checkpoint this phase started from)."""
+        self.protected.add(Path(path).resolve())
+
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete the temporary files of saves that a killed run left (call on rank 0 before the first save)."""
         return remove_stale_temp_files(self.directory, "ckpt_*.pt")
@@ -796,11 +882,23 @@ class CheckpointManager:
         return self.directory / f"ckpt_{step}.pt"
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Write ``state`` as ``ckpt_<step>.pt`` atomically, then delete all but the newest ``keep``."""
+        """Write ``state`` as ``ckpt_<step>.pt`` atomically, then prune this phase's files to the newest ``keep``.
+
+        Refuses (NonFiniteLossError) weights holding NaN/inf; a failed write (a full disk) is a CheckpointError
+        naming the file and the free space, and leaves the earlier checkpoints as they were.
+        """
         path = self.path_for(step)
+        check_finite_weights(state.get("model", {}), str(path))
         start = time.perf_counter()
-        save_checkpoint(state, path)
-        for _, old in self.checkpoints()[:-self.keep]:
+        try:
+            save_checkpoint(state, path)
+        except (OSError, RuntimeError) as exc:
+            free = shutil.disk_usage(self.directory).free / 2**30 if self.directory.is_dir() else float("nan")
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"could not write {path} ({free:.2f} GiB free there): {reason}; the earlier "
+                                  "checkpoints are kept") from exc
+        ours = [p for s, p in self.checkpoints() if s > self.first_step and p.resolve() not in self.protected]
+        for old in ours[:-self.keep]:
             if old != path:
                 old.unlink(missing_ok=True)
         self.dllog.log(step="PARAMETER", data={"checkpoint_step": step,
@@ -814,6 +912,15 @@ class CheckpointManager:
         self.dllog.log(step="PARAMETER", data={"checkpoint_loaded": str(path),
                                                "checkpoint_load_seconds": time.perf_counter() - start})
         return state
+
+
+def check_finite_weights(state_dict: dict[str, Any], what: str) -> None:
+    """Raise NonFiniteLossError naming ``what`` when a floating-point tensor holds NaN or inf: never save those."""
+    bad = [key for key, value in state_dict.items()
+           if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise NonFiniteLossError(f"not writing {what}: {len(bad)} weight tensors hold NaN/inf (e.g. "
+                                 f"{', '.join(bad[:3])}); the earlier files are kept")
 
 
 class PreemptionFlag:
@@ -842,9 +949,10 @@ class PreemptionFlag:
 class Checkpointer:
     """When a training run saves: every ``interval`` steps, once at the end, and at once on SIGTERM (preemption).
 
-    ``state_fn(train_state)`` returns what to save; files are numbered ``step_offset + step`` (phase 2 continues
-    phase 1's numbering). ``on_step`` is ``train_loop``'s hook; call ``finish`` after the loop and ``close`` in a
-    ``finally`` (it restores the signal handlers).
+    ``state_fn(train_state)`` returns what to save; the checkpointer adds every rank's RNG state (``rng`` is rank
+    0's, as the reference; ``rng_per_rank`` all of them). Files are numbered ``step_offset + step`` (phase 2
+    continues phase 1's numbering). ``on_step`` is ``train_loop``'s hook; call ``finish`` after the loop and
+    ``close`` in a ``finally`` (it restores the signal handlers).
     """
 
     def __init__(self, run: Run, manager: CheckpointManager, state_fn: Callable[[TrainState], dict[str, Any]],
@@ -858,9 +966,11 @@ class Checkpointer:
         """Rank 0 writes ``ckpt_<step_offset + step>.pt``; every rank waits for it."""
         if not self.enabled or self.saved_step == state.step:
             return
+        rng = gather_rng_states()
         if self.run.is_main:
             self.run.synchronize()
-            self.manager.save(self.step_offset + state.step, self.state_fn(state))
+            self.manager.save(self.step_offset + state.step,
+                              {**self.state_fn(state), "rng": rng[0], "rng_per_rank": rng})
         barrier()
         self.saved_step = state.step
 
@@ -936,6 +1046,7 @@ def cached_features(path: Path | None, key: str, build: Callable[[], dict[str, A
 def save_finetuned(run: Run, model: nn.Module, output_dir: PathLike, skip: bool = False) -> None:
     """Write the fine-tuned model (``config.json`` + ``pytorch_model.bin``) from rank 0, unless ``skip``."""
     if run.is_main and not skip:
+        check_finite_weights(unwrap_model(model).state_dict(), f"the fine-tuned model in {output_dir}")
         unwrap_model(model).save_pretrained(output_dir)
     barrier()
 

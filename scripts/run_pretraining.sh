@@ -3,7 +3,8 @@
 # Shards are prepared from the Wikipedia source text first when a phase's data folder is empty. By default the
 # phases read $BERT_PREP_WORKING_DIR/pretrain/phase1/unbinned/parquet/ and .../pretrain/phase2/bin_size_64/parquet/
 # (what data/create_datasets_from_start.sh writes; BERT_PREP_WORKING_DIR defaults to <repository>/data), and
-# phase2_bin_size (#30) is 64: none, 32, 64, 128, 256 or 512.
+# phase2_bin_size (#30) is 64: none, 32, 64, 128, 256 or 512. KEEP_CHECKPOINTS (default 3) is how many of each
+# phase's newest checkpoints are kept; phase 2 never deletes phase 1's.
 # Usage: bash scripts/run_pretraining.sh [train_batch_size] [learning_rate] [precision] [num_gpus] ...
 #        bash scripts/run_pretraining.sh $(source scripts/configs/pretrain_config.sh && dgxa100-80g_8gpu_fp16)
 #        bash scripts/run_pretraining.sh $(source scripts/configs/pretrain_config.sh && cpu_demo)
@@ -56,6 +57,7 @@ esac
 VOCAB_FILE=${VOCAB_FILE:-vocab/vocab}
 RESULTS_DIR=${RESULTS_DIR:-$CODEDIR/results}
 CHECKPOINTS_DIR=${CHECKPOINTS_DIR:-$RESULTS_DIR/checkpoints}
+KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-3}
 PYTHON=${PYTHON:-python3}
 num_nodes=${SLURM_JOB_NUM_NODES:-1}
 cd "$CODEDIR"
@@ -104,16 +106,16 @@ prepare_shards "$DATA_DIR_PHASE1" 128 none
 run_phase phase1 --input_dir="$DATA_DIR_PHASE1" --output_dir="$CHECKPOINTS_DIR" --config_file="$BERT_CONFIG" \
   --vocab_file="$VOCAB_FILE" --train_batch_size="$train_batch_size" --max_seq_length=128 \
   --max_predictions_per_seq=20 --max_steps="$train_steps" --warmup_proportion="$warmup_proportion" \
-  --num_steps_per_checkpoint="$save_checkpoint_steps" --learning_rate="$learning_rate" --seed="$seed" \
-  --json-summary "$RESULTS_DIR/dllogger.json" --disable_progress_bar --num_workers="$num_workers" --do_train \
-  $PREC $DEVICE $ACCUMULATE $ALL_REDUCE $RESUME $INIT
+  --num_steps_per_checkpoint="$save_checkpoint_steps" --keep_checkpoints="$KEEP_CHECKPOINTS" \
+  --learning_rate="$learning_rate" --seed="$seed" --json-summary "$RESULTS_DIR/dllogger.json" \
+  --disable_progress_bar --num_workers="$num_workers" --do_train $PREC $DEVICE $ACCUMULATE $ALL_REDUCE $RESUME $INIT
 echo "finished pretraining"
 
 prepare_shards "$DATA_DIR_PHASE2" 512 "$phase2_bin_size"
 run_phase phase2 --input_dir="$DATA_DIR_PHASE2" --output_dir="$CHECKPOINTS_DIR" --config_file="$BERT_CONFIG" \
   --vocab_file="$VOCAB_FILE" --train_batch_size="$train_batch_size_phase2" --max_seq_length=512 \
   --max_predictions_per_seq=80 --max_steps="$train_steps_phase2" --warmup_proportion="$warmup_proportion_phase2" \
-  --num_steps_per_checkpoint="$save_checkpoint_steps" --learning_rate="$learning_rate_phase2" --seed="$seed" \
-  --json-summary "$RESULTS_DIR/dllogger.json" --disable_progress_bar --num_workers="$num_workers" --do_train \
-  --phase2 --resume_from_checkpoint --phase1_end_step="$train_steps" $PREC $DEVICE $ACCUMULATE2 $ALL_REDUCE
+  --num_steps_per_checkpoint="$save_checkpoint_steps" --keep_checkpoints="$KEEP_CHECKPOINTS" \
+  --learning_rate="$learning_rate_phase2" --seed="$seed" --json-summary "$RESULTS_DIR/dllogger.json" \
+  --disable_progress_bar --num_workers="$num_workers" --do_train --phase2 --resume_from_checkpoint --phase1_end_step="$train_steps" $PREC $DEVICE $ACCUMULATE2 $ALL_REDUCE
 echo "finished phase2"

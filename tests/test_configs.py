@@ -334,6 +334,7 @@ def test_pretrain_config_lines_up_with_run_pretraining_sh(tmp_path):
                (f"{prep}/wikipedia/source/", "4096", "128")
         assert shards["--sample-ratio"] == "0.9" and shards["--seed"] == "42" and "--masking" in shards
     assert "--bin-size" not in prepared[0] and prepared[1]["--bin-size"] == "64"
+    assert phase1["--keep_checkpoints"] == phase2["--keep_checkpoints"] == "3"  # KEEP_CHECKPOINTS' default
     logs = sorted(p.name for p in (tmp_path / "results").glob("*.log"))
     assert [name.split(".")[1] for name in logs] == ["pyt_bert_pretraining_phase1_fp16_gbs65536",
                                                      "pyt_bert_pretraining_phase2_fp16_gbs65536"]

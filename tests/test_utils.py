@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import utils
+from file_utils import CheckpointError
 
 
 def test_ranks_without_distributed():
@@ -67,16 +68,22 @@ def test_dllogger_format(tmp_path, capsys):
     lines = path.read_text().splitlines()
     assert all(line.startswith("DLLL {") for line in lines)
     records = [json.loads(line[5:]) for line in lines]
-    assert records[0]["type"] == "METADATA" and records[0]["metric"] == "final_loss"
-    assert records[1]["step"] == "PARAMETER" and records[1]["data"] == {"SEED": 42}
-    assert records[2]["step"] == [0, 5] and records[2]["data"]["average_loss"] == 8.5
-    assert records[3]["step"] == []
+    assert records[0]["type"] == "METADATA" and records[0]["metric"] == "run_start"  # the run separator
+    assert records[1]["type"] == "METADATA" and records[1]["metric"] == "final_loss"
+    assert records[2]["step"] == "PARAMETER" and records[2]["data"] == {"SEED": 42}
+    assert records[3]["step"] == [0, 5] and records[3]["data"]["average_loss"] == 8.5
+    assert records[4]["step"] == []
     for record in records:
         assert list(record)[:4] == ["timestamp", "datetime", "elapsedtime", "type"]
         float(record["timestamp"])
     out = capsys.readouterr().out
     assert "Training Epoch: 0 Training Iteration: 5 average_loss : 8.5" in out
     assert "final_loss : 1.235" in out
+    # A second run with the same file (a resume, or phase 2) appends after its own separator, flushing each record.
+    again = utils.setup_logger(path, enabled=True)
+    again.log(step=(0, 6), data={"average_loss": 7.0})
+    records = [json.loads(line[5:]) for line in path.read_text().splitlines()]
+    assert len(records) == 7 and records[5]["metric"] == "run_start" and records[6]["step"] == [0, 6]
 
 
 def test_logger_on_other_ranks_writes_nothing(tmp_path, capsys):
@@ -108,8 +115,9 @@ def test_checkpoint_write_killed_midway_leaves_previous(tmp_path, monkeypatch):
         raise Boom()
 
     monkeypatch.setattr(torch, "save", exploding_save)
-    with pytest.raises(Boom):
+    with pytest.raises(CheckpointError, match=r"could not write .*ckpt_2\.pt .*GiB free there\): Boom") as caught:
         manager.save(2, {"x": torch.zeros(3)})
+    assert isinstance(caught.value.__cause__, Boom)
     assert [s for s, _ in manager.checkpoints()] == [1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_1.pt"]
 
