@@ -16,6 +16,8 @@ from file_utils import CheckpointError
 from modeling import BertConfig, BertForQuestionAnswering
 from tokenization import BertTokenizer
 
+logger = logging.getLogger("inference")
+
 CANDIDATES = 20
 DEFAULT_QUESTION = "What do broad-spectrum antibiotics do to the gut flora?"
 DEFAULT_CONTEXT = (
@@ -179,15 +181,22 @@ def main(argv: list[str] | None = None) -> int:
         results = answer(items, model.to(device), tokenizer, args, device, precision)
     except utils.USER_ERRORS as exc:
         return utils.report_error("inference.py", exc)
+    # Lone surrogates (\ud800-style escapes in the JSON file, or undecodable bytes in a flag) cannot be printed as
+    # UTF-8: they are printed as \uXXXX escapes instead, and named once.
+    affected = [result["id"] for result, item in zip(results, items)
+                if squad.has_lone_surrogates(result if args.json_file else [result, item["context"]])]
+    if affected:
+        logger.warning("%d question(s) have lone surrogates (\\ud800-style escapes that are not Unicode text) in "
+                       "their id, question, context or answer: %s; they are printed as \\uXXXX escapes",
+                       len(affected), squad.describe_ids(affected))
     if args.json_file:
-        print(json.dumps({"model": args.bert_model, "results": results}, indent=2, ensure_ascii=False))
+        print(squad.json_text({"model": args.bert_model, "results": results}, indent=2))
         return 0
     result = results[0]
-    print(f"question: {result['question']}")
-    print(f"context: {items[0]['context']}")
-    print(f"answer: {result['answer'] or '(no answer)'}")
-    print(f"score: {result['score']:.4f}")
-    print(json.dumps(result["nbest"], indent=2, ensure_ascii=False))
+    lines = [f"question: {result['question']}", f"context: {items[0]['context']}",
+             f"answer: {result['answer'] or '(no answer)'}", f"score: {result['score']:.4f}",
+             squad.json_text(result["nbest"], indent=2)]
+    print(squad.escape_lone_surrogates("\n".join(lines)))
     return 0
 
 

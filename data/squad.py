@@ -589,18 +589,64 @@ def compute_predictions(examples: Sequence[SquadExample], features: Sequence[QAF
     return result
 
 
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def has_lone_surrogates(value: Any) -> bool:
+    """Whether a string, or any string key or value nested in dicts and lists, holds a lone surrogate.
+
+    JSON may spell one (``"\\ud800"``) and ``json.load`` returns it, but it is not Unicode text: encoding it as
+    UTF-8 fails, so such text can be read and trained on but not written as UTF-8 or printed.
+    """
+    if isinstance(value, str):
+        return _SURROGATE_RE.search(value) is not None
+    if isinstance(value, dict):
+        return any(has_lone_surrogates(k) or has_lone_surrogates(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(has_lone_surrogates(v) for v in value)
+    return False
+
+
+def json_text(content: Any, indent: int | None = None) -> str:
+    """``json.dumps`` with non-ASCII text kept as it is, except lone surrogates, written as ``\\uXXXX`` escapes
+    (what ``ensure_ascii=True`` writes for them): the result is valid JSON that encodes as UTF-8 and reads back
+    to the same strings."""
+    # Outside strings JSON is ASCII, so every surrogate found is inside a string, where its escape is valid.
+    return escape_lone_surrogates(json.dumps(content, indent=indent, ensure_ascii=False))
+
+
+def escape_lone_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate replaced by its ``\\uXXXX`` escape, so that it can be encoded and printed."""
+    return _SURROGATE_RE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+def describe_ids(ids: Sequence[str], limit: int = 10) -> str:
+    """Question ids for a log line, each in ``repr`` form (which escapes surrogates), at most ``limit`` of them."""
+    shown = ", ".join(repr(qid) for qid in ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
 def write_predictions(predictions: SquadPredictions, output_dir: PathLike,
                       version_2_with_negative: bool = False) -> dict[str, Path]:
-    """Write predictions.json, nbest_predictions.json and (v2) null_odds.json atomically; return their paths."""
+    """Write predictions.json, nbest_predictions.json and (v2) null_odds.json atomically as UTF-8; return their paths.
+
+    Questions whose id, answer or n-best texts hold lone surrogates (from ``\\ud800``-style escapes in the input
+    JSON) are still written, with those characters as ``\\uXXXX`` escapes (``json_text``); one warning names them.
+    """
     output_dir = Path(output_dir)
     files = {"predictions": (output_dir / "predictions.json", predictions.answers),
              "nbest_predictions": (output_dir / "nbest_predictions.json", predictions.nbest)}
     if version_2_with_negative:
         files["null_odds"] = (output_dir / "null_odds.json", predictions.null_odds)
+    affected = [qid for qid in dict.fromkeys([*predictions.answers, *predictions.nbest, *predictions.null_odds])
+                if has_lone_surrogates([qid, predictions.answers.get(qid), predictions.nbest.get(qid)])]
+    if affected:
+        logger.warning("%d question(s) have lone surrogates (\\ud800-style escapes that are not Unicode text) in "
+                       "their id or predicted text: %s; they are written as \\uXXXX escapes in %s",
+                       len(affected), describe_ids(affected), output_dir)
     for path, content in files.values():
-        with atomic_write(path, "w") as handle:
-            json.dump(content, handle, indent=4, ensure_ascii=False)
-            handle.write("\n")
+        with atomic_write(path, "w", encoding="utf-8") as handle:
+            handle.write(json_text(content, indent=4) + "\n")
     return {name: path for name, (path, _) in files.items()}
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,33 @@ def test_errors(squad_run, tmp_path, capsys):
     code, _, err = run_inference(["--init_checkpoint", str(squad_run["out"]), "--vocab_file", str(VOCAB),
                                   "--json_file", str(bad)], capsys)
     assert code == 1 and "item [0]" in err and str(bad) in err
+
+
+def test_lone_surrogates_are_printed_escaped_and_named(squad_run, tmp_path, capsys, caplog):
+    # "\ud800" is valid JSON but no Unicode text: printing it as UTF-8 used to raise UnicodeEncodeError.
+    items = [{"id": "odd", "question": "Who ruled Normandy \ud800?", "context": "Rollo ru\udfffled Normandy in 911."},
+             {"id": "plain", "question": "Who ruled Normandy?", "context": "Rollo ruled Normandy in 911."}]
+    listed = tmp_path / "items.json"
+    listed.write_text(json.dumps(items), encoding="ascii")  # json.dumps escapes the surrogates: valid JSON
+    base = ["--init_checkpoint", str(squad_run["out"]), "--vocab_file", str(VOCAB), "--do_lower_case",
+            "--max_seq_length", "128"]
+    with caplog.at_level(logging.WARNING, logger="inference"):
+        code, out, err = run_inference(base + ["--json_file", str(listed)], capsys)
+    assert code == 0, err
+    out.encode("utf-8")  # strict: nothing unencodable was printed
+    results = json.loads(out)["results"]
+    assert [r["id"] for r in results] == ["odd", "plain"]
+    assert results[0]["question"] == items[0]["question"]  # the escape reads back to the same string
+    assert results[0]["answer"] in items[0]["context"] and results[1]["answer"] in items[1]["context"]
+    warnings = [r.getMessage() for r in caplog.records if "surrogate" in r.getMessage()]
+    assert len(warnings) == 1 and "'odd'" in warnings[0] and "'plain'" not in warnings[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="inference"):
+        code, out, err = run_inference(base + ["--question", "Who?", "--context", "Rollo \udcffruled."], capsys)
+    assert code == 0, err
+    assert "context: Rollo \\udcffruled." in out.splitlines()
+    assert any("surrogate" in r.getMessage() and "'0'" in r.getMessage() for r in caplog.records)
 
 
 def test_cli_exit_code_and_hugging_face_export(squad_run, tmp_path):

@@ -340,6 +340,41 @@ def test_write_predictions(tmp_path):
                                                           "predictions.json"]
 
 
+def test_lone_surrogates_are_read_trained_on_and_written_escaped(tmp_path, tokenizer, caplog):
+    # "\ud800" is valid JSON and json.load returns it, but UTF-8 cannot encode it: writing predictions failed.
+    context = "The Normans were led by Wil\ud800liam, a duke."
+    path = squad_file(tmp_path / "odd.json", [
+        {"context": context, "qas": [qa("odd\udfff", "Who led the \ud800 Normans?", [("Wil\ud800liam", 24)])]},
+        {"context": "They were led by a duke.", "qas": [qa("plain", "Who?", [("duke", 19)])]}])
+    train, skipped = squad.read_squad_examples(path, is_training=True)
+    assert skipped == 0 and train[0].orig_answer_text == "Wil\ud800liam"
+    train_features = squad.convert_examples_to_features(train, tokenizer, 64, 32, 16, is_training=True)
+    assert all(f.start_position > 0 for f in train_features)  # both answers found in the window
+
+    examples, _ = squad.read_squad_examples(path, is_training=False)
+    features = squad.convert_examples_to_features(examples, tokenizer, 64, 32, 16, is_training=False)
+    def span(feature, word):  # the window tokens of one context word, without its final punctuation mark
+        tokens = np.flatnonzero(feature.token_to_orig == examples[feature.example_index].doc_tokens.index(word))
+        return int(tokens[0]), int(tokens[-2])
+
+    logits = [_logits(feature, *span(feature, word)) for feature, word in zip(features, ["Wil\ud800liam,", "duke."])]
+    preds = squad.compute_predictions(examples, features, [s for s, _ in logits], [e for _, e in logits], tokenizer,
+                                      version_2_with_negative=True)
+    # The surrogate is dropped by tokenization, so the text cannot be aligned: the whole word is the answer.
+    assert preds.answers == {"odd\udfff": "Wil\ud800liam,", "plain": "duke"}
+    with caplog.at_level("WARNING", logger="data.squad"):
+        files = squad.write_predictions(preds, tmp_path / "out", version_2_with_negative=True)
+    for name, content in (("predictions", preds.answers), ("nbest_predictions", preds.nbest),
+                          ("null_odds", preds.null_odds)):
+        text = files[name].read_bytes().decode("utf-8")  # strict: valid UTF-8
+        assert json.loads(text) == content  # the \uXXXX escapes read back to the same strings
+    assert "Wil\\ud800liam," in files["predictions"].read_text(encoding="utf-8")
+    warnings = [r.getMessage() for r in caplog.records if "surrogate" in r.getMessage()]
+    assert len(warnings) == 1 and repr("odd\udfff") in warnings[0] and "'plain'" not in warnings[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["nbest_predictions.json", "null_odds.json",
+                                                                    "predictions.json"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # run_squad.py end to end (tiny model, CPU)
 # ---------------------------------------------------------------------------------------------------------------
