@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batches import assemble_fixed, assemble_pairs
+from data.formats import ShardError
 from data.ragged import offsets_of
 from data.shards import FixedRows, PairRows, ShardReader, ShardSet, Vocab, find_shards
 from file_utils import PathLike
@@ -91,7 +92,8 @@ class PretrainingDataset(IterableDataset):
     def __init__(self, shard_set: ShardSet, vocab: Vocab | None, *, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 12345, masked_lm_prob: float = 0.15,
                  max_seq_length: int | None = None, max_predictions_per_seq: int | None = None,
-                 sequence_length_alignment: int = 8, shuffle_buffer_size: int = 16384) -> None:
+                 sequence_length_alignment: int = 8, shuffle_buffer_size: int = 16384,
+                 vocab_size: int | None = None) -> None:
         super().__init__()
         if shard_set.format == "parquet" and vocab is None:
             raise ValueError("--vocab_file is required to read Parquet shards (they hold WordPiece strings)")
@@ -106,6 +108,7 @@ class PretrainingDataset(IterableDataset):
         self.max_predictions_per_seq = max_predictions_per_seq
         self.alignment = sequence_length_alignment
         self.block_size = shuffle_buffer_size
+        self.vocab_size = vocab_size
         self.bin_ids = sorted({shard.bin_id for shard in shard_set.shards})
         totals = [sum(s.num_samples for s in shard_set.shards if s.bin_id == b) for b in self.bin_ids]
         self.samples_per_rank = [total // world_size for total in totals]
@@ -149,15 +152,17 @@ class PretrainingDataset(IterableDataset):
         return _BinPlan(index, n, np.asarray(shards, dtype=np.int64),
                         np.asarray(ranges, dtype=np.int64).reshape(-1, 2), np.asarray(starts, dtype=np.int64))
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor] | _WorkerShardError]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.iter_batches(self.epoch, range(self.start_batch + worker, self.num_batches, workers))
+        if info is None:
+            return self.iter_batches(self.epoch, range(self.start_batch, self.num_batches))
+        steps = range(self.start_batch + info.id, self.num_batches, info.num_workers)
+        return _shard_errors_as_items(self.iter_batches(self.epoch, steps))
 
     def iter_batches(self, epoch: int, steps: Sequence[int]) -> Iterator[dict[str, torch.Tensor]]:
         """Build the rank's batches ``steps`` (increasing) of ``epoch``."""
         plan = self.plan(epoch)
-        reader = ShardReader(self.shard_set, self.vocab, self.max_seq_length)
+        reader = ShardReader(self.shard_set, self.vocab, self.max_seq_length, self.vocab_size)
         pieces: dict[tuple[int, int], PairRows | FixedRows] = {}
         blocks: dict[tuple[int, int], np.ndarray] = {}
         for step in steps:
@@ -202,6 +207,27 @@ class PretrainingDataset(IterableDataset):
         return out
 
 
+@dataclass
+class _WorkerShardError:
+    """A ShardError raised in a DataLoader worker, handed to the main process as an item of the stream.
+
+    Raised there, torch would re-raise it in the main process with a multi-line "Caught ShardError in DataLoader
+    worker process 0. Original Traceback ..." message; as an item it arrives in batch order and the loader raises
+    the original one-line ShardError.
+    """
+
+    message: str
+
+
+def _shard_errors_as_items(batches: Iterator[dict[str, torch.Tensor]],
+                           ) -> Iterator[dict[str, torch.Tensor] | _WorkerShardError]:
+    """Yield ``batches``; a ShardError ends them with a ``_WorkerShardError`` item (worker processes only)."""
+    try:
+        yield from batches
+    except ShardError as err:
+        yield _WorkerShardError(str(err))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The loader the trainer uses
 # --------------------------------------------------------------------------------------------------------------------
@@ -240,6 +266,8 @@ class PretrainingDataLoader:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             generator=torch.Generator().manual_seed(self.epoch))
         for batch in loader:
+            if isinstance(batch, _WorkerShardError):
+                raise ShardError(batch.message)
             self.batches_consumed += 1
             self.samples_consumed += int(batch["input_ids"].shape[0])
             yield batch
@@ -299,7 +327,8 @@ def get_pretraining_data_loader(input_dir: PathLike, *, vocab_file: PathLike | N
                                 masked_lm_prob: float = 0.15, max_seq_length: int | None = None,
                                 max_predictions_per_seq: int | None = None, sequence_length_alignment: int = 8,
                                 shuffle_buffer_size: int = 16384, pin_memory: bool = False,
-                                start_state: Mapping[str, Any] | None = None) -> PretrainingDataLoader:
+                                start_state: Mapping[str, Any] | None = None,
+                                vocab_size: int | None = None) -> PretrainingDataLoader:
     """Build the loader for ``input_dir`` (Parquet or HDF5 shards, detected by file names).
 
     Args:
@@ -316,6 +345,14 @@ def get_pretraining_data_loader(input_dir: PathLike, *, vocab_file: PathLike | N
         shuffle_buffer_size: samples per shuffle block (LDDL's default buffer size).
         pin_memory: pin batches for faster host-to-GPU copies.
         start_state: a ``state_dict()`` to continue from.
+        vocab_size: if set, the model's number of token ids (e.g. ``BertConfig.padded_vocab_size``): a vocabulary
+            file with more tokens is an error, and so is a token id >= ``vocab_size`` read from a shard (a
+            ShardError naming the file and the id, raised when the batch holding it is built).
+
+    Raises:
+        ValueError: a bad argument, named. FileNotFoundError / ShardError: see ``data.shards.find_shards``.
+        ShardError (while iterating, also from DataLoader workers, as the same one-line message): a shard that
+            cannot be read or holds bad rows.
     """
     for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
                              ("num_workers", num_workers, 0), ("seed", seed, 0),
@@ -329,13 +366,18 @@ def get_pretraining_data_loader(input_dir: PathLike, *, vocab_file: PathLike | N
         raise ValueError(f"masked_lm_prob must be in [0, 1], got {masked_lm_prob}")
     if max_predictions_per_seq is not None and max_predictions_per_seq < 1:
         raise ValueError(f"max_predictions_per_seq must be >= 1, got {max_predictions_per_seq}")
+    if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
+        raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
     shard_set = find_shards(input_dir)
     vocab = Vocab.from_file(vocab_file) if vocab_file is not None else None
+    if vocab is not None and vocab_size is not None and vocab.size > vocab_size:
+        raise ValueError(f"vocab_file {vocab_file} has ids up to {vocab.size - 1}, more than the model's vocab_size "
+                         f"{vocab_size} allows")
     dataset = PretrainingDataset(
         shard_set, vocab, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
         masked_lm_prob=masked_lm_prob, max_seq_length=max_seq_length,
         max_predictions_per_seq=max_predictions_per_seq, sequence_length_alignment=sequence_length_alignment,
-        shuffle_buffer_size=shuffle_buffer_size)
+        shuffle_buffer_size=shuffle_buffer_size, vocab_size=vocab_size)
     logger.info("%s: %d %s shard(s)%s, %d samples (%s masking); %d batches of %d per epoch on each of %d rank(s), "
                 "%d sample(s) left out per epoch so ranks stay equal",
                 shard_set.input_dir, len(shard_set.shards), shard_set.format,

@@ -288,29 +288,47 @@ def _fixed_rows_from_arrays(arrays: dict[str, np.ndarray], max_seq_length: int |
     return rows
 
 
+def _check_ids(arrays: Sequence[np.ndarray], vocab_size: int, lo: int, hi: int) -> None:
+    """Raise ValueError (the caller adds the file name) when a token id is outside ``[0, vocab_size)``."""
+    for ids in arrays:
+        if ids.size and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+            bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+            raise ValueError(f"token id {bad} in rows [{lo}, {hi}) is outside the model's vocabulary of "
+                             f"{vocab_size} ids (shard made with another vocab file?)")
+
+
 class ShardReader:
     """Reads row ranges of shards inside one worker; keeps recent Parquet tables, as consecutive pieces share them."""
 
-    def __init__(self, shard_set: ShardSet, vocab: Vocab | None, max_seq_length: int | None) -> None:
+    def __init__(self, shard_set: ShardSet, vocab: Vocab | None, max_seq_length: int | None,
+                 vocab_size: int | None = None) -> None:
         self.shard_set = shard_set
         self.vocab = vocab
         self.max_seq_length = max_seq_length
+        self.vocab_size = vocab_size
         self._tables: dict[str, pa.Table] = {}
         # Binned data alternates between bins: keep each bin's current file (and one more) between its pieces.
         self._max_tables = len({shard.bin_id for shard in shard_set.shards}) + 1
 
     def read(self, shard: Shard, lo: int, hi: int) -> PairRows | FixedRows:
-        """Rows ``[lo, hi)`` of ``shard`` as checked ids; any problem is a ShardError naming the file."""
+        """Rows ``[lo, hi)`` of ``shard`` as checked ids; any problem is a one-line ShardError naming the file."""
         try:
             if self.shard_set.format == "hdf5":
-                return _fixed_rows_from_arrays(read_hdf5_rows(shard.path, lo, hi), self.max_seq_length)
-            table = self._table(shard)
-            return _pair_rows_from_table(table.slice(lo, hi - lo), self.vocab, self.shard_set.static_masking,
-                                         self.max_seq_length)
+                rows: PairRows | FixedRows = _fixed_rows_from_arrays(read_hdf5_rows(shard.path, lo, hi),
+                                                                     self.max_seq_length)
+                id_arrays = (rows.input_ids, rows.masked_lm_ids)
+            else:
+                table = self._table(shard)
+                rows = _pair_rows_from_table(table.slice(lo, hi - lo), self.vocab, self.shard_set.static_masking,
+                                             self.max_seq_length)
+                id_arrays = (rows.a_ids, rows.b_ids, *(() if rows.label_ids is None else (rows.label_ids,)))
+            if self.vocab_size is not None:
+                _check_ids(id_arrays, self.vocab_size, lo, hi)
+            return rows
         except ShardError:
             raise
         except (OSError, ValueError, KeyError, pa.ArrowException) as err:
-            raise ShardError(f"{shard.path}: {err}") from err
+            raise ShardError(f"{shard.path}: {' '.join(str(err).split())}") from err
 
     def _table(self, shard: Shard) -> pa.Table:
         if shard.path not in self._tables:

@@ -446,6 +446,54 @@ def test_truncated_or_wrong_shards_are_named(pairs, tmp_path):
         get_pretraining_data_loader(hdf5, vocab_file=None, batch_size=2)
 
 
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_shard_corrupted_during_training_is_one_line_error_from_workers_too(pairs, tmp_path, workers):
+    # Listing checks every footer; a shard truncated after that is found by the worker reading it, and torch would
+    # re-raise its error in the main process as "Caught ShardError in DataLoader worker process 0 ..." text.
+    directory = write_parquet_shards(tmp_path / "data", pairs[:40], [20, 20])
+    data = loader(directory, batch_size=4, num_workers=workers)
+    good = (directory / "shard-1.parquet").read_bytes()
+    (directory / "shard-1.parquet").write_bytes(good[:len(good) // 2])
+    with pytest.raises(ShardError) as info:
+        list(data)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{directory / 'shard-1.parquet'}: ")
+    assert "DataLoader worker" not in message and "Traceback" not in message
+    assert 0 <= data.batches_consumed < len(data)  # the bad batch was not counted as consumed
+
+
+def test_vocab_size_checks_token_ids(pairs, tmp_path):
+    directory = write_parquet_shards(tmp_path / "parquet", pairs[:20], [10, 10])
+    biggest = max(VOCAB[t] for pair in pairs[:20] for t in (*pair[0], *pair[1]))
+    assert len(list(loader(directory, batch_size=4, vocab_size=len(VOCAB)))) == 5
+    # A vocabulary file larger than the model's embedding table is refused at once.
+    with pytest.raises(ValueError, match=rf"vocab_file .*vocab has ids up to {len(VOCAB) - 1}.*vocab_size 1000"):
+        loader(directory, vocab_size=1000)
+    with pytest.raises(ValueError, match="vocab_size must be an integer >= 1"):
+        loader(directory, vocab_size=0)
+
+    # HDF5 holds ids: one beyond the model's vocabulary is named with its shard, also from a worker.
+    hdf5 = tmp_path / "hdf5"
+    hdf5.mkdir()
+    write_hdf5_shard(hdf5 / "a_training_0.hdf5", pairs[:10])
+    write_hdf5_shard(hdf5 / "a_training_1.hdf5", pairs[10:20])
+    assert len(list(get_pretraining_data_loader(hdf5, vocab_file=None, batch_size=4, vocab_size=biggest + 1))) == 5
+    with h5py.File(hdf5 / "a_training_1.hdf5", "r+") as handle:
+        ids = handle["input_ids"][...]
+        ids[3, 2] = 40000
+        handle["input_ids"][...] = ids
+    for workers in (0, 1):
+        data = get_pretraining_data_loader(hdf5, vocab_file=None, batch_size=4, vocab_size=30528,
+                                           num_workers=workers)
+        with pytest.raises(ShardError) as info:
+            list(data)
+        message = str(info.value)
+        assert message.startswith(f"{hdf5 / 'a_training_1.hdf5'}: token id 40000 ") and "\n" not in message
+        assert "30528" in message
+    # Without vocab_size the ids are not checked (the model's embedding lookup would fail later).
+    assert len(list(get_pretraining_data_loader(hdf5, vocab_file=None, batch_size=4))) == 5
+
+
 def test_bad_arguments_name_the_argument(shards):
     with pytest.raises(ValueError, match="batch_size"):
         loader(shards, batch_size=0)
