@@ -58,11 +58,11 @@ def read_swag_examples(path: PathLike, labelled: bool = True) -> list[SwagExampl
     path = Path(path)
     if not path.is_file():
         raise SwagDataError(f"SWAG file not found: {path}")
-    examples = []
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, strict=True)  # a stray quote is an error, not text glued to a field
-        line = 1  # where the record being read starts
-        try:
+    examples: list[SwagExample] = []
+    line = 1  # where the record being read starts
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle, strict=True)  # a stray quote is an error, not text glued to a field
             header = next(reader, None)
             if header is None:
                 raise SwagDataError(f"{path}: empty file, expected a header line")
@@ -78,8 +78,16 @@ def read_swag_examples(path: PathLike, labelled: bool = True) -> list[SwagExampl
                 if row:  # a blank line (e.g. a trailing one) holds no example
                     examples.append(_example(row, index, len(header), labelled, path, line))
                 line = reader.line_num + 1
-        except csv.Error as exc:  # e.g. a NUL byte, or a quoted field that never closes
-            raise SwagDataError(f"{path}, line {line}: not valid CSV ({exc})") from None
+    except csv.Error as exc:  # a stray or unclosed quote, a field over csv.field_size_limit(), ...
+        raise SwagDataError(f"{path}, line {line}: not valid CSV ({exc})") from None
+    except UnicodeDecodeError:
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:  # decoded whole, so that the position is the file's
+            bad_line = data[:exc.start].count(b"\n") + 1
+            raise SwagDataError(f"{path}, line {bad_line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise
     return examples
 
 

@@ -100,6 +100,9 @@ def test_reader_missing_file_and_bad_csv(tmp_path):
     write_csv(bad, [HEADER, row(0), row(1), row(2, ending0='"opens the door.')])
     with pytest.raises(swag.SwagDataError, match=r"val\.csv, line 4: not valid CSV \(unexpected end of data\)"):
         swag.read_swag_examples(bad)
+    bad.write_bytes(f"{HEADER}\n{row(0)}\n".encode() + row(1, ending0="caf\xe9.").encode("latin-1") + b"\n")
+    with pytest.raises(swag.SwagDataError, match=r"val\.csv, line 3: not UTF-8 text \(invalid continuation byte"):
+        swag.read_swag_examples(bad)
     assert issubclass(swag.SwagDataError, ValueError)  # run_job reports it as a user error
 
 
