@@ -465,3 +465,60 @@ def build_optimizer(name: str, params_or_groups: Iterable[Any], lr: float, *, we
                              max_grad_norm=max_grad_norm, **kw)
     logger.info("optimizer %s (%s), lr %g, weight decay %g", name, type(optimizer).__name__, lr, weight_decay)
     return optimizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference's optimizer state (apex FusedLAMBAMP) <-> Lamb's
+
+_REFERENCE_GROUP_KEYS = ("bias_correction", "betas", "eps", "weight_decay", "grad_averaging", "max_grad_norm")
+
+
+def is_reference_lamb_state(state_dict: dict[str, Any]) -> bool:
+    """True for FusedLAMBAMP's layout: a tensor `lr` and a `step` in each parameter group."""
+    groups = state_dict.get("param_groups", [])
+    return any("step" in g or isinstance(g.get("lr"), torch.Tensor) for g in groups)
+
+
+def lamb_state_from_reference(state_dict: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """FusedLAMBAMP's optimizer state as `Lamb.load_state_dict` takes it, and the step count it held.
+
+    The reference keeps the step (int32 tensor) and the lr (fp32 tensor) per group and only `exp_avg`/`exp_avg_sq`
+    per parameter; Lamb keeps a float lr per group and the step per parameter. Moments are copied unchanged;
+    FusedLAMBAMP's defaults fill what it does not store (decoupled weight decay, no NVLAMB trust ratio everywhere).
+    """
+    groups, state, steps = [], {}, set()
+    for group in state_dict["param_groups"]:
+        step = int(group.get("step", 0))
+        steps.add(step)
+        converted = {k: v for k, v in group.items() if k not in ("step", "max_grad_norm")}
+        converted["lr"] = float(group["lr"])
+        converted.setdefault("adam_w_mode", True)
+        converted.setdefault("use_nvlamb", False)
+        groups.append(converted)
+        for index in group["params"]:
+            saved = state_dict["state"].get(index)
+            if saved is not None:
+                state[index] = {"step": torch.tensor(float(step)), "exp_avg": saved["exp_avg"],
+                                "exp_avg_sq": saved["exp_avg_sq"]}
+    if len(steps) > 1:
+        raise ValueError(f"the reference optimizer state holds different steps per group: {sorted(steps)}")
+    return {"state": state, "param_groups": groups}, steps.pop() if steps else 0
+
+
+def lamb_state_to_reference(state_dict: dict[str, Any], max_grad_norm: float = 1.0) -> dict[str, Any]:
+    """Lamb's optimizer state in FusedLAMBAMP's layout (what the reference's run_pretraining.py loads)."""
+    groups, state = [], {}
+    for group in state_dict["param_groups"]:
+        steps = {float(state_dict["state"][i]["step"]) for i in group["params"] if i in state_dict["state"]}
+        if len(steps) > 1:
+            raise ValueError(f"Lamb state holds different steps within one group: {sorted(steps)}")
+        converted = {k: group[k] for k in _REFERENCE_GROUP_KEYS if k in group}
+        converted.setdefault("max_grad_norm", max_grad_norm)
+        converted.update(params=list(group["params"]), lr=torch.tensor(float(group["lr"]), dtype=torch.float32),
+                         step=torch.tensor(int(steps.pop()) if steps else 0, dtype=torch.int32))
+        groups.append(converted)
+        for index in group["params"]:
+            if index in state_dict["state"]:
+                saved = state_dict["state"][index]
+                state[index] = {"exp_avg": saved["exp_avg"], "exp_avg_sq": saved["exp_avg_sq"]}
+    return {"state": state, "param_groups": groups}

@@ -58,8 +58,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--do_eval", action="store_true", help="Evaluate on the dev file and write results.txt.")
     other.add_argument("--do_predict", action="store_true",
                        help="Write predictions.json (guid -> label) for the --predict_split file.")
-    other.add_argument("--predict_split", choices=("test", "dev"), default="test",
-                       help="File --do_predict labels: test (GLUE's unlabelled test set) or dev (the reference's).")
+    other.add_argument("--predict_split", choices=("dev", "test"), default="dev",
+                       help="File --do_predict labels: dev (the reference's choice) or test (GLUE's unlabelled set).")
     other.add_argument("--do_lower_case", action="store_true", help="Lower-case and strip accents (uncased models).")
     other.add_argument("--train_batch_size", type=int, default=32,
                        help="Sequences per rank per optimizer step, before division by --gradient_accumulation_steps.")
@@ -91,6 +91,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Neither read nor write the features cache.")
     other.add_argument("--log_freq", type=int, default=1, help="Log the training loss every N optimizer steps.")
     other.add_argument("--disable_progress_bar", action="store_true", help="No tqdm bars.")
+    other.add_argument("--server_ip", default="", help="With --server_port: wait for a debugpy client at this address.")
+    other.add_argument("--server_port", default="", help="With --server_ip: the debugpy port (remote debugging).")
     return parser.parse_args(argv)
 
 
@@ -366,9 +368,27 @@ def execute(args: argparse.Namespace, run: utils.Run) -> dict[str, Any]:
     return results
 
 
+def wait_for_debugger(server_ip: str, server_port: str) -> None:
+    """The reference's remote-debugging flags: listen with debugpy (ptvsd's successor) and wait for a client."""
+    if not (server_ip and server_port):
+        raise ValueError("--server_ip and --server_port go together (remote debugging); give both or neither")
+    try:
+        import debugpy  # type: ignore[import-not-found]
+    except ImportError:
+        raise ValueError("--server_ip/--server_port need the debugpy package: pip install debugpy") from None
+    debugpy.listen((server_ip, int(server_port)))
+    print(f"run_glue.py: waiting for a debugger to attach at {server_ip}:{server_port}", flush=True)
+    debugpy.wait_for_client()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad flags, files or checkpoints end the run with a message and exit status 1."""
     args = parse_arguments(argv)
+    if args.server_ip or args.server_port:
+        try:
+            wait_for_debugger(args.server_ip, args.server_port)
+        except ValueError as exc:
+            return utils.report_error("run_glue.py", exc)
     return utils.run_job("run_glue.py", args, check_arguments, lambda run: execute(args, run),
                          json_summary=args.json_summary or str(Path(args.output_dir) / "dllogger.json"))
 

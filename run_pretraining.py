@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -13,9 +14,11 @@ import utils
 from data.pretraining_dataset import get_pretraining_data_loader
 from file_utils import CheckpointError, load_state_dict_file
 from modeling import BertConfig, BertForPreTraining, find_weights_file, pretraining_loss
-from optimization import build_optimizer, param_groups
+from optimization import build_optimizer, is_reference_lamb_state, lamb_state_from_reference, param_groups
 from schedulers import PolyWarmUpScheduler
 from tokenization import load_vocab
+
+log = logging.getLogger("run_pretraining")
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,11 +59,16 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                        help="With --fp16: 0 = dynamic loss scaling from --init_loss_scale; S > 0 = start at S and "
                             "never grow (it still halves on overflow so a bad step is skipped, not applied).")
     other.add_argument("--init_loss_scale", type=float, default=2.0**20, help="Initial dynamic loss scale for --fp16.")
-    other.add_argument("--log_freq", type=int, default=1, help="Log every N optimizer steps.")
+    other.add_argument("--log_freq", type=float, default=1.0,
+                       help="Log on steps that are a multiple of this (a float, as the reference's: 0.5 = each step).")
     other.add_argument("--checkpoint_activations", action="store_true",
                        help="Recompute layer activations in the backward pass to save memory.")
     other.add_argument("--resume_from_checkpoint", action="store_true",
-                       help="Continue from the newest ckpt_<step>.pt in --output_dir (or --resume_step).")
+                       help="Continue from --init_checkpoint when given (the reference's precedence), else from the "
+                            "newest loadable ckpt_<step>.pt in --output_dir (or --resume_step).")
+    other.add_argument("--resume_phase2", action="store_true",
+                       help="The checkpoint resumed is a phase-2 one: keep its step, schedule and loss scale (needed "
+                            "for reference checkpoints, which do not record their phase).")
     other.add_argument("--resume_step", type=int, default=-1,
                        help="With --resume_from_checkpoint: resume from ckpt_<resume_step>.pt; -1 = the newest.")
     other.add_argument("--num_steps_per_checkpoint", type=int, default=100, help="Checkpoint every N optimizer steps.")
@@ -82,12 +90,24 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Accepted for launcher compatibility; ranks are always read from the environment.")
     other.add_argument("--disable_progress_bar", action="store_true", help="No tqdm bar.")
     other.add_argument("--steps_this_run", type=int, default=-1,
-                       help="Stop (with a checkpoint) after this many optimizer steps in this run; "
-                            "-1 = to --max_steps.")
+                       help="Stop (with a checkpoint) once the phase's step count reaches this, as the reference "
+                            "counts it; -1 = at --max_steps.")
+    other.add_argument("--num_train_epochs", type=float, default=None,
+                       help="Also stop (with a checkpoint) after this many passes over the data; the reference "
+                            "parses it without effect, so it only applies when given.")
     other.add_argument("--num_workers", type=int, default=4, help="Data-loader worker processes per rank.")
     other.add_argument("--no_dense_sequence_output", action="store_true",
                        help="Run the MLM head on every position instead of the masked ones only.")
     other.add_argument("--compile", action="store_true", help="torch.compile the model (replaces TorchScript/NVFuser).")
+    other.add_argument("--cuda_graphs", action="store_true",
+                       help="Capture the step in CUDA graphs: torch.compile(mode='reduce-overhead') (CUDA only).")
+    other.add_argument("--disable_jit_fusions", action="store_true",
+                       help="Run the model eagerly (the reference's TorchScript/NVFuser switch); excludes --compile "
+                            "and --cuda_graphs.")
+    other.add_argument("--profile", action="store_true",
+                       help="Write a torch.profiler trace of 5 steps from --profile-start to <output_dir>/profile/.")
+    other.add_argument("--profile-start", dest="profile_start", type=int, default=0,
+                       help="With --profile: the optimizer step the trace starts after.")
     other.add_argument("--no_cuda", action="store_true", help="Run on the CPU even when a GPU is present.")
     return parser.parse_args(argv)
 
@@ -104,8 +124,16 @@ def check_arguments(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError(f"--keep_checkpoints must be >= 1, got {args.keep_checkpoints}")
     if not 0.0 <= args.warmup_proportion < 1.0:
         raise ValueError(f"--warmup_proportion must be in [0, 1), got {args.warmup_proportion}")
-    if args.log_freq < 1 or args.num_steps_per_checkpoint < 1:
-        raise ValueError("--log_freq and --num_steps_per_checkpoint must be >= 1")
+    utils.check_positive_finite(log_freq=args.log_freq)
+    if args.num_steps_per_checkpoint < 1:
+        raise ValueError(f"--num_steps_per_checkpoint must be >= 1, got {args.num_steps_per_checkpoint}")
+    if args.num_train_epochs is not None:
+        utils.check_positive_finite(num_train_epochs=args.num_train_epochs)
+    if args.disable_jit_fusions and (args.compile or args.cuda_graphs):
+        raise ValueError("--disable_jit_fusions (an eager model) contradicts --compile and --cuda_graphs; pass one")
+    if args.init_checkpoint and not args.resume_from_checkpoint:
+        log.warning("--init_checkpoint %s is read only with --resume_from_checkpoint (the reference's rule); "
+                    "starting from a fresh model", args.init_checkpoint)
     if not Path(args.input_dir).is_dir():
         raise FileNotFoundError(f"--input_dir {args.input_dir} is not a folder")
     existing = utils.CheckpointManager(args.output_dir).checkpoints()
@@ -119,21 +147,23 @@ def find_resume_checkpoint(args: argparse.Namespace, manager: utils.CheckpointMa
     """The checkpoint this run starts from, its content when already loaded, and whether it continues a run in
     --output_dir.
 
-    With --resume_from_checkpoint the run's own checkpoints win (ckpt_<resume_step>.pt, else the newest that loads:
-    a truncated newest one is skipped with a warning), so a preempted and requeued job resumes where it stopped;
-    --init_checkpoint is the start only when there are none.
+    As in the reference, nothing is read without --resume_from_checkpoint, and with it --init_checkpoint wins over
+    the run's own checkpoints (ckpt_<resume_step>.pt, else the newest that loads: a truncated newest one is
+    skipped with a warning). A requeued job therefore passes --init_checkpoint only on its first start (run.sub
+    does so).
     """
-    if args.resume_from_checkpoint:
-        if args.resume_step >= 0:
-            path = manager.path_for(args.resume_step)
-            if not path.is_file():
-                raise CheckpointError(f"--resume_step {args.resume_step}: {path} does not exist")
-            return path, manager.load(path), True
-        found = manager.newest_loadable()
-        if found is not None:
-            return found[0], found[1], True
+    if not args.resume_from_checkpoint:
+        return None, None, False
     if args.init_checkpoint:
         return Path(args.init_checkpoint), None, False
+    if args.resume_step >= 0:
+        path = manager.path_for(args.resume_step)
+        if not path.is_file():
+            raise CheckpointError(f"--resume_step {args.resume_step}: {path} does not exist")
+        return path, manager.load(path), True
+    found = manager.newest_loadable()
+    if found is not None:
+        return found[0], found[1], True
     if args.phase2:
         raise CheckpointError(f"--phase2: no ckpt_<step>.pt from phase 1 in --output_dir {args.output_dir} "
                               "and no --init_checkpoint")
@@ -173,8 +203,12 @@ def restore(path: Path, checkpoint: dict | None, continuing: bool, args: argpars
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit --config_file {args.config_file}: "
                               f"{str(exc).splitlines()[0]}") from None
-    parts.optimizer.load_state_dict(checkpoint["optimizer"])
-    phase = checkpoint.get("phase", 1)
+    optimizer_state, reference = checkpoint["optimizer"], is_reference_lamb_state(checkpoint["optimizer"])
+    saved_step = None
+    if reference:  # apex FusedLAMBAMP's layout, as the reference's run_pretraining.py writes it
+        optimizer_state, saved_step = lamb_state_from_reference(optimizer_state)
+    parts.optimizer.load_state_dict(optimizer_state)
+    phase = checkpoint.get("phase", 2 if args.resume_phase2 else 1)
     step = manager.step_of(path)
     if args.phase2 and phase == 1 and step is not None and step > args.phase1_end_step:
         raise CheckpointError(f"--phase1_end_step {args.phase1_end_step} is below the step of phase 1's checkpoint "
@@ -189,12 +223,23 @@ def restore(path: Path, checkpoint: dict | None, continuing: bool, args: argpars
             if "step" in param_state:
                 step_value = param_state["step"]
                 param_state["step"] = torch.zeros_like(step_value) if isinstance(step_value, torch.Tensor) else 0
+        if reference:
+            log.info("started from reference checkpoint %s: weights and LAMB moments converted; step, learning rate "
+                     "schedule, data position and RNG start afresh (a new phase)", path)
         return None
-    parts.scheduler.load_state_dict(checkpoint["scheduler"])
-    parts.scaler.load_state_dict(checkpoint["grad_scaler"])
-    state.load_state_dict(checkpoint["train_state"])
-    utils.restore_rng_states(checkpoint, run_env.rank, run_env.world_size)
-    return checkpoint.get("data_loader")
+    if "grad_scaler" in checkpoint:
+        parts.scaler.load_state_dict(checkpoint["grad_scaler"])
+    if not reference:
+        parts.scheduler.load_state_dict(checkpoint["scheduler"])
+        state.load_state_dict(checkpoint["train_state"])
+        utils.restore_rng_states(checkpoint, run_env.rank, run_env.world_size)
+        return checkpoint.get("data_loader")
+    state.step = saved_step
+    parts.scheduler.fast_forward(saved_step)
+    log.info("continued reference checkpoint %s: weights, LAMB moments and step %d converted (schedule and loss "
+             "scale follow); reset: the data position (epoch %s restarts from its first batch) and the RNG state",
+             path, saved_step, checkpoint.get("epoch", "?"))
+    return None
 
 
 def build_parts(args: argparse.Namespace, run: utils.Run, config: BertConfig) -> utils.TrainParts:
@@ -216,7 +261,7 @@ def build_parts(args: argparse.Namespace, run: utils.Run, config: BertConfig) ->
         return size * utils.bert_flops_per_sequence(config, seq_len, masked_tokens=masked)
 
     return utils.TrainParts(
-        model=utils.wrap_model(model, run.env, compile=args.compile,
+        model=utils.wrap_model(model, run.env, compile=args.compile, cuda_graphs=args.cuda_graphs,
                                allreduce_fp16=args.allreduce_post_accumulation_fp16),
         loss_fn=loss_fn, optimizer=optimizer,
         scheduler=PolyWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=args.max_steps),
@@ -252,19 +297,31 @@ def train(args: argparse.Namespace, run: utils.Run) -> None:
             "scheduler": parts.scheduler.state_dict(), "grad_scaler": parts.scaler.state_dict(),
             "train_state": s.state_dict(), "epoch": loader.epoch, "data_loader": loader.state_dict(),
             "phase": 2 if args.phase2 else 1, "config": config.to_dict(), "args": vars(args)})
-    steps_this_run = args.steps_this_run if args.steps_this_run > 0 else args.max_steps
-    loop = utils.LoopConfig.from_args(args, max_steps=min(args.max_steps, state.step + steps_this_run),
-                                      max_grad_norm=None)  # LAMB clips by the global norm itself
+    last_step = min(args.max_steps, args.steps_this_run) if args.steps_this_run > 0 else args.max_steps
+    loop = utils.LoopConfig.from_args(args, max_steps=last_step, max_grad_norm=None)  # LAMB clips by itself
+    profiler = utils.StepProfiler(Path(args.output_dir) / "profile", args.profile_start, run.env) \
+        if args.profile else None
+
+    def on_step(s: utils.TrainState) -> bool:
+        """Profile, checkpoint (or stop on SIGTERM), and stop after --num_train_epochs passes when given."""
+        if profiler is not None:
+            profiler.on_step(s)
+        if checkpointer.on_step(s):
+            return True
+        passes = loader.epoch + loader.batches_consumed / len(loader)
+        return args.num_train_epochs is not None and passes >= args.num_train_epochs
+
     run.dllog.log(step="PARAMETER", data={"train_start": True, "batch_size_per_gpu": args.train_batch_size,
                                           "learning_rate": args.learning_rate,
                                           "start_step": checkpointer.step_offset + state.step})
     wall_start = time.perf_counter()
     try:
-        result = utils.train_loop(run, parts, loader, loop, state, on_step=checkpointer.on_step)
-        if not result.stopped_early:
-            checkpointer.finish(state)
+        result = utils.train_loop(run, parts, loader, loop, state, on_step=on_step)
+        checkpointer.finish(state)  # nothing new after a SIGTERM, which saved already
     finally:
         checkpointer.close()
+        if profiler is not None:
+            profiler.close()
     run.dllog.log(step=tuple(), data={"e2e_train_time": time.perf_counter() - wall_start,
                                       "training_sequences_per_second": result.sequences_per_second,
                                       "final_loss": result.final_loss, "raw_train_time": result.train_time})

@@ -99,6 +99,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--disable-progress-bar", dest="disable_progress_bar", action="store_true",
                        help="No tqdm bars.")
     other.add_argument("--skip_cache", action="store_true", help="Don't read or write the train-features cache.")
+    other.add_argument("--profile", action="store_true",
+                       help="Write a torch.profiler trace of the first 5 training steps (or of the prediction pass "
+                            "without --do_train) to <output_dir>/profile/.")
     other.add_argument("--cache_dir", default=None,
                        help="Folder of the train-features cache (default: beside --train_file).")
     return parser.parse_args(argv)
@@ -233,7 +236,7 @@ def train_batches(tensors: dict[str, torch.Tensor], micro_batch: int, seed: int,
 
 
 def train(args: argparse.Namespace, model: BertForQuestionAnswering, tokenizer: BertTokenizer, config: BertConfig,
-          run: utils.Run) -> dict[str, float]:
+          run: utils.Run, profiler: utils.StepProfiler | None = None) -> dict[str, float]:
     """Fine-tune with AdamW, linear warm-up/decay and global-norm clipping through ``utils.train_loop``.
 
     Returns the summary figures (e2e_train_time, training_sequences_per_second, final_loss)."""
@@ -272,7 +275,8 @@ def train(args: argparse.Namespace, model: BertForQuestionAnswering, tokenizer: 
     wall_start = time.perf_counter()
     result = utils.train_loop(run, parts, train_batches(tensors, micro_batch, args.seed, run.env.rank,
                                                         run.world_size),
-                              utils.LoopConfig.from_args(args, max_steps=max_steps, max_grad_norm=1.0))
+                              utils.LoopConfig.from_args(args, max_steps=max_steps, max_grad_norm=1.0),
+                              on_step=profiler.on_step if profiler is not None else None)
     return {"e2e_train_time": time.perf_counter() - wall_start,
             "training_sequences_per_second": result.sequences_per_second, "final_loss": result.final_loss}
 
@@ -360,14 +364,20 @@ def execute(args: argparse.Namespace, run: utils.Run) -> None:
     config = build_config(args, tokenizer)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     model = load_model(args, config, run.dllog)
+    # --profile traces the first 5 training steps, or the prediction pass when there is no training.
+    profiler = utils.StepProfiler(Path(args.output_dir) / "profile", 0, run.env) if args.profile else None
     summary: dict[str, float] = {}
-    if args.do_train:
-        summary.update(train(args, model, tokenizer, config, run))
-        utils.save_finetuned(run, model, args.output_dir, skip=args.skip_checkpoint)
-    if args.do_predict:
-        if run.is_main:
-            summary.update(predict(args, model, tokenizer, run))
-        utils.barrier()
+    try:
+        if args.do_train:
+            summary.update(train(args, model, tokenizer, config, run, profiler))
+            utils.save_finetuned(run, model, args.output_dir, skip=args.skip_checkpoint)
+        if args.do_predict:
+            if run.is_main:
+                summary.update(predict(args, model, tokenizer, run))
+            utils.barrier()
+    finally:
+        if profiler is not None:
+            profiler.close()
     run.dllog.log(step=tuple(), data=summary)
 
 

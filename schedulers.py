@@ -107,6 +107,10 @@ class _WarmUpScheduler(LambdaLR):
             group["lr"] = lr
         self._last_lr = lrs
 
+    def fast_forward(self, steps_done: int) -> None:
+        """Jump to ``steps_done`` optimizer steps, for a checkpoint that stores only its step (the reference's)."""
+        self.load_state_dict({**self.state_dict(), "last_epoch": steps_done})
+
 
 class PolyWarmUpScheduler(_WarmUpScheduler):
     """Reference pre-training schedule: linear warm-up over `warmup` of the run, then `(1 - progress) ** degree`.

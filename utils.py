@@ -28,7 +28,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from file_utils import CheckpointError, PathLike, load_checkpoint, remove_stale_temp_files, save_checkpoint
+from file_utils import (
+    CheckpointError,
+    PathLike,
+    atomic_path,
+    load_checkpoint,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
 
 Precision = Literal["fp32", "fp16", "bf16"]
 Batch = dict[str, torch.Tensor]
@@ -222,15 +229,19 @@ def make_grad_scaler(precision: Precision, device: torch.device, init_scale: flo
     return scaler
 
 
-def wrap_model(model: nn.Module, env: RunEnv, compile: bool = False, allreduce_fp16: bool = False) -> nn.Module:
+def wrap_model(model: nn.Module, env: RunEnv, compile: bool = False, allreduce_fp16: bool = False,
+               cuda_graphs: bool = False) -> nn.Module:
     """Move to the device, optionally ``torch.compile``, and wrap in DDP when there is more than one rank.
 
-    ``allreduce_fp16`` registers DDP's fp16 compression hook: gradients travel as fp16 and are averaged there,
-    the reference's ``--allreduce_post_accumulation_fp16``.
+    ``cuda_graphs`` (the reference's ``--cuda_graphs``) compiles with ``mode="reduce-overhead"``, which replays
+    the compiled step as CUDA graphs; it needs a CUDA device. ``allreduce_fp16`` registers DDP's fp16 compression
+    hook: gradients travel as fp16 and are averaged there, the reference's ``--allreduce_post_accumulation_fp16``.
     """
+    if cuda_graphs and env.device.type != "cuda":
+        raise ValueError(f"--cuda_graphs needs a CUDA device; this run is on {env.device.type}")
     model = model.to(env.device)
-    if compile:
-        model = torch.compile(model)
+    if compile or cuda_graphs:
+        model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
     if env.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
@@ -923,6 +934,48 @@ def check_finite_weights(state_dict: dict[str, Any], what: str) -> None:
                                  f"{', '.join(bad[:3])}); the earlier files are kept")
 
 
+class StepProfiler:
+    """A ``torch.profiler`` trace of ``steps`` optimizer steps after step ``start`` (``--profile``), written per rank
+    as a Chrome trace (``trace_rank<r>.json``, open in Perfetto or chrome://tracing) into ``folder``.
+
+    ``on_step`` is a ``train_loop`` hook; call ``close`` after the loop (it writes a trace cut short by the end).
+    """
+
+    def __init__(self, folder: PathLike, start: int, run_env: RunEnv, steps: int = 5) -> None:
+        self.path = Path(folder) / f"trace_rank{run_env.rank}.json"
+        self.start, self.steps = start, steps
+        self.activities = [torch.profiler.ProfilerActivity.CPU]
+        if run_env.device.type == "cuda":
+            self.activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiler: Any = None
+        self.stop_at = 0
+        if start <= 0:
+            self._begin(0)
+
+    def _begin(self, step: int) -> None:
+        self.profiler = torch.profiler.profile(activities=self.activities)
+        self.profiler.start()
+        self.stop_at = step + self.steps
+
+    def on_step(self, state: TrainState) -> bool:
+        if self.profiler is None and self.stop_at == 0 and state.step >= self.start:
+            self._begin(state.step)
+        elif self.profiler is not None and state.step >= self.stop_at:
+            self.close()
+        return False
+
+    def close(self) -> None:
+        """Stop and write the trace, if one is being recorded."""
+        if self.profiler is None:
+            return
+        self.profiler.stop()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            self.profiler.export_chrome_trace(str(tmp))
+        log.info("wrote a profiler trace of %d steps to %s", self.steps, self.path)
+        self.profiler = None
+
+
 class PreemptionFlag:
     """Remembers a SIGTERM (SLURM preemption / ``scancel``) so the loop can checkpoint at the next step boundary."""
 
@@ -985,7 +1038,7 @@ class Checkpointer:
         return False
 
     def finish(self, state: TrainState) -> None:
-        """The final checkpoint of a run that took at least one step."""
+        """The final checkpoint of a run that took at least one step (none if this step is saved already)."""
         if state.step > 0:
             self.save(state)
 

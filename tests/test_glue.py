@@ -352,7 +352,8 @@ def run_glue_cli(*args: str) -> subprocess.CompletedProcess:
 def test_run_glue_train_eval_predict_then_eval_only(glue_run):
     out = glue_run["root"] / "out"
     proc = run_glue_cli(*glue_run["common"], "--init_checkpoint", str(glue_run["ckpt"]), "--output_dir", str(out),
-                        "--do_train", "--do_eval", "--do_predict", "--train_batch_size", "16",
+                        "--do_train", "--do_eval", "--do_predict", "--predict_split", "test",
+                        "--train_batch_size", "16",
                         "--gradient_accumulation_steps", "2", "--eval_batch_size", "8", "--num_train_epochs", "2",
                         "--learning_rate", "1e-3", "--seed", "3")
     assert proc.returncode == 0, proc.stderr
@@ -484,8 +485,8 @@ def test_run_glue_stsb_regression_in_process(glue_run, tmp_path):
             for a in glue_run["common"]]
     out = tmp_path / "out"
     assert run_glue.main([*args, "--init_checkpoint", str(glue_run["ckpt"]), "--output_dir", str(out), "--do_train",
-                          "--do_eval", "--do_predict", "--train_batch_size", "8", "--num_train_epochs", "1",
-                          "--skip_checkpoint"]) == 0
+                          "--do_eval", "--do_predict", "--predict_split", "test", "--train_batch_size", "8",
+                          "--num_train_epochs", "1", "--skip_checkpoint"]) == 0
     results = json.loads((out / "results.txt").read_text())
     assert results["global_step"] == 3 and {"pearson", "spearmanr", "corr", "eval:loss"} <= set(results)
     predictions = json.loads((out / "predictions.json").read_text())

@@ -3,6 +3,7 @@ bad input, and the two-phase shell wrapper."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -202,3 +203,102 @@ def test_compile_smoke(shards, tmp_path):
     assert run_pretraining.main(_args(shards["train"], out, "--compile", steps=2)) == 0
     saved = load_checkpoint(out / "ckpt_2.pt")["model"]
     assert set(saved) == set(BertForPreTraining(BertConfig.from_json_file(TINY)).state_dict())
+
+
+def reference_checkpoint(path: Path, step: int, seed: int = 0) -> dict:
+    """A checkpoint as the reference's run_pretraining.py writes it, built from the documented layout: model,
+    optimizer of apex FusedLAMBAMP (tensor lr and int32 step per group; exp_avg/exp_avg_sq per parameter, groups
+    split by the no-decay names), grad_scaler and epoch."""
+    torch.manual_seed(seed)
+    model = BertForPreTraining(BertConfig.from_json_file(TINY))
+    names = [name for name, _ in model.named_parameters()]
+    no_decay = ("bias", "gamma", "beta", "LayerNorm")
+    groups = [[i for i, n in enumerate(names) if not any(k in n for k in no_decay)],
+              [i for i, n in enumerate(names) if any(k in n for k in no_decay)]]
+    params = dict(model.named_parameters())
+    state = {i: {"exp_avg": torch.randn_like(params[names[i]]) * 1e-3,
+                 "exp_avg_sq": torch.rand_like(params[names[i]]) * 1e-6} for i in range(len(names))}
+    optimizer = {"state": state, "param_groups": [
+        {"params": ids, "lr": torch.tensor(4e-3), "step": torch.tensor(step, dtype=torch.int32),
+         "bias_correction": True, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": wd, "grad_averaging": True,
+         "max_grad_norm": 1.0} for ids, wd in zip(groups, (0.01, 0.0))]}
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer,
+                  "grad_scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                  "growth_interval": 2000, "_growth_tracker": 0}, "epoch": 3}
+    torch.save(checkpoint, path)
+    return checkpoint
+
+
+def test_phase2_continues_a_reference_phase1_checkpoint(shards, tmp_path, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = reference_checkpoint(out / "ckpt_7038.pt", step=7038)
+    assert run_pretraining.main(_args(shards["train"], out, "--phase2", "--resume_from_checkpoint",
+                                      "--phase1_end_step", "7038", steps=2)) == 0
+    assert "started from reference checkpoint" in caplog.text
+    phase2 = load_checkpoint(out / "ckpt_7040.pt")
+    assert phase2["phase"] == 2 and phase2["train_state"]["step"] == 2
+    first = phase2["optimizer"]["state"][0]
+    assert first["step"].item() == 2  # the step restarted with the phase; the moments carried over (not zero-init)
+    assert not torch.allclose(first["exp_avg"], torch.zeros_like(first["exp_avg"]))
+    assert (out / "ckpt_7038.pt").exists() and torch.equal(
+        load_checkpoint(out / "ckpt_7038.pt")["model"]["cls.predictions.bias"], saved["model"]["cls.predictions.bias"])
+
+
+def test_same_phase_resume_of_a_reference_checkpoint_keeps_step_and_schedule(shards, tmp_path, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    reference_checkpoint(out / "ckpt_4.pt", step=4)
+    assert run_pretraining.main(_args(shards["train"], out, "--resume_from_checkpoint", steps=6)) == 0
+    assert "continued reference checkpoint" in caplog.text and "step 4" in caplog.text
+    final = load_checkpoint(out / "ckpt_6.pt")
+    assert final["train_state"]["step"] == 6 and final["scheduler"]["last_epoch"] == 6
+    assert final["optimizer"]["state"][0]["step"].item() == 6
+    assert final["grad_scaler"] == {}  # fp32 here: the scaler is off and its saved fp16 state is not applied
+
+
+def test_export_to_reference_layout_round_trips_bit_for_bit(shards, tmp_path):
+    from optimization import lamb_state_from_reference
+    from scripts import convert_checkpoint
+
+    out = tmp_path / "run"
+    assert run_pretraining.main(_args(shards["train"], out, steps=2)) == 0
+    ours = load_checkpoint(out / "ckpt_2.pt")
+    assert convert_checkpoint.main([str(out / "ckpt_2.pt"), str(tmp_path / "ref" / "ckpt_2.pt")]) == 0
+    exported = torch.load(tmp_path / "ref" / "ckpt_2.pt", weights_only=True)
+    assert set(exported) == {"model", "optimizer", "grad_scaler", "epoch"}
+    for group in exported["optimizer"]["param_groups"]:  # what the reference's --phase2 branch does to them
+        assert group["step"].dtype == torch.int32 and int(group["step"]) == 2
+        group["step"].zero_()
+        group["lr"].fill_(4e-3)
+    assert all(set(s) == {"exp_avg", "exp_avg_sq"} for s in exported["optimizer"]["state"].values())
+    back, step = lamb_state_from_reference(torch.load(tmp_path / "ref" / "ckpt_2.pt", weights_only=True)["optimizer"])
+    assert step == 2
+    for index, state in ours["optimizer"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(back["state"][index][key], state[key]), (index, key)
+    for key, tensor in ours["model"].items():
+        assert torch.equal(exported["model"][key], tensor)
+    # and run_pretraining.py takes the exported file as a reference phase-1 checkpoint
+    phase2 = tmp_path / "phase2"
+    phase2.mkdir()
+    (phase2 / "ckpt_2.pt").write_bytes((tmp_path / "ref" / "ckpt_2.pt").read_bytes())
+    assert run_pretraining.main(_args(shards["train"], phase2, "--phase2", "--resume_from_checkpoint",
+                                      "--phase1_end_step", "2", steps=1)) == 0
+
+
+def test_reference_flags_take_effect(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_pretraining.main(_args(shards["train"], out, "--profile", "--profile-start", "1", "--log_freq", "2",
+                                      "--num_train_epochs", "0.05", steps=50)) == 0
+    trace = json.loads((out / "profile" / "trace_rank0.json").read_text())
+    assert trace["traceEvents"]
+    logged = sorted(_losses(out / "dllogger.json"))
+    final = load_checkpoint(max(out.glob("ckpt_*.pt"), key=lambda p: int(p.stem.split("_")[1])))
+    per_epoch = len(get_pretraining_data_loader(shards["train"], vocab_file=VOCAB, batch_size=8, seed=42))
+    assert final["train_state"]["step"] == math.ceil(0.05 * per_epoch) < 50  # stopped after 5% of a pass
+    assert all(step % 2 == 0 for step in logged)
+    assert run_pretraining.main(_args(shards["train"], tmp_path / "cg", "--cuda_graphs")) == 1
+    assert "--cuda_graphs needs a CUDA device" in capsys.readouterr().err
+    assert run_pretraining.main(_args(shards["train"], tmp_path / "jit", "--disable_jit_fusions", "--compile")) == 1
+    assert "--disable_jit_fusions" in capsys.readouterr().err
