@@ -34,26 +34,38 @@ IGNORE_INDEX = -1  # the reference's "no label" value; Hugging Face's -100 is ac
 # Activations
 
 
-def gelu(x: Tensor) -> Tensor:
-    """Exact GELU, x * Phi(x) with the erf form, as in the BERT paper, Google's BERT and Hugging Face's "gelu"."""
+def gelu_erf(x: Tensor) -> Tensor:
+    """Exact GELU, x * Phi(x) with the erf form: the BERT paper's, Google's BERT and Hugging Face's "gelu"."""
     return F.gelu(x)
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
-    """GELU's tanh approximation: what the reference's era-B "gelu" computes (within ~1e-3 of the exact form)."""
+    """GELU's tanh approximation: what the reference's "gelu" (its bias_gelu kernel) computes."""
     return F.gelu(x, approximate="tanh")
 
 
+# Activation names as this project's and the reference's config files mean them: "gelu" is the tanh form, as the
+# reference computes it; the exact form, which the reference cannot express, is "gelu_erf". A Hugging Face
+# config.json means its own names ("gelu" = erf) and is translated on reading (HF_TO_OURS) and on export.
 ACT2FN: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": gelu,
+    "gelu": gelu_tanh,
+    "bias_gelu": gelu_tanh,  # the reference's name of the same kernel
     "gelu_tanh": gelu_tanh,
-    "gelu_new": gelu_tanh,  # Hugging Face's name for the tanh form
-    "gelu_pytorch_tanh": gelu_tanh,  # Hugging Face's other name for it
+    "gelu_new": gelu_tanh,  # Hugging Face's names for the tanh form, unambiguous anywhere
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_erf": gelu_erf,
     "relu": F.relu,
     "tanh": torch.tanh,
     "swish": F.silu,
     "silu": F.silu,
 }
+HF_TO_OURS = {"gelu": "gelu_erf", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu", "tanh": "tanh",
+              "silu": "swish", "swish": "swish"}
+OURS_TO_HF = {"gelu": "gelu_pytorch_tanh", "bias_gelu": "gelu_pytorch_tanh", "gelu_tanh": "gelu_pytorch_tanh",
+              "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "gelu_erf": "gelu", "relu": "relu",
+              "tanh": "tanh", "swish": "silu", "silu": "silu"}
+OURS_TO_REFERENCE = {"gelu": "gelu", "bias_gelu": "gelu", "gelu_tanh": "gelu", "gelu_new": "gelu",
+                     "gelu_pytorch_tanh": "gelu", "relu": "relu", "tanh": "tanh", "swish": "swish", "silu": "swish"}
 
 
 class LinearActivation(nn.Linear):
@@ -289,7 +301,7 @@ class BertConfig:
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     intermediate_size: int = 3072
-    hidden_act: str = "gelu"  # exact erf GELU; "gelu_tanh" is the reference's era-B tanh approximation
+    hidden_act: str = "gelu"  # the reference's meaning: the tanh form; "gelu_erf" is the exact form
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     max_position_embeddings: int = 512
@@ -326,7 +338,19 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BertConfig:
-        """Build from a dict; known keys are type-checked, unknown ones go to `extra`."""
+        """Build from a dict; known keys are type-checked, unknown ones go to `extra`.
+
+        A Hugging Face config (it names a `model_type`) has its activation translated to this project's name
+        with the same maths (HF's "gelu" is the exact form, "gelu_erf" here; its "gelu_new" the tanh form), and
+        its `model_type` dropped, so the config written back means this project's names.
+        """
+        if "model_type" in values and isinstance(values.get("hidden_act"), str):
+            if values["hidden_act"] not in HF_TO_OURS:
+                raise ValueError(f"Hugging Face hidden_act={values['hidden_act']!r} has no counterpart here; "
+                                 f"supported: {sorted(HF_TO_OURS)}")
+            # Without model_type the values now read with this project's meaning, and write back that way.
+            values = {**{k: v for k, v in values.items() if k != "model_type"},
+                      "hidden_act": HF_TO_OURS[values["hidden_act"]]}
         kinds = {"int": (int,), "float": (int, float), "str": (str,)}
         known, extra, problems = {}, {}, []
         fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
@@ -378,6 +402,17 @@ class BertConfig:
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {**self.extra, **values}
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config as Hugging Face's `BertConfig` reads it, the activation named by HF's meaning."""
+        return {**self.to_dict(), "hidden_act": OURS_TO_HF[self.hidden_act], "model_type": "bert"}
+
+    def to_reference_dict(self) -> dict[str, Any]:
+        """The config as the reference's `BertConfig` reads it; refuses an activation the reference cannot run."""
+        if self.hidden_act not in OURS_TO_REFERENCE:
+            raise ValueError(f"hidden_act={self.hidden_act!r} cannot be expressed for the reference (its \"gelu\" is "
+                             "the tanh form and it has no exact-erf GELU)")
+        return {**self.to_dict(), "hidden_act": OURS_TO_REFERENCE[self.hidden_act]}
 
     def to_json_string(self) -> str:
         """Indented, key-sorted JSON (the reference's layout)."""
@@ -690,11 +725,9 @@ class BertPreTrainedModel(nn.Module):
 
         tensors = self._hf_state_dict()
         hf_config = {
-            **self.config.to_dict(),
+            **self.config.to_hf_dict(),
             "architectures": [type(self).__name__],
-            "model_type": "bert",
             "tie_word_embeddings": True,
-            "hidden_act": {"gelu_tanh": "gelu_pytorch_tanh"}.get(self.config.hidden_act, self.config.hidden_act),
         }
         hf_config.update(self._hf_config_extras())
         with atomic_write(directory / SAFETENSORS_NAME) as handle:

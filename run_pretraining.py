@@ -288,7 +288,7 @@ def train(args: argparse.Namespace, run: utils.Run) -> None:
         args.input_dir, vocab_file=args.vocab_file, batch_size=micro_batch, rank=run.env.rank,
         world_size=run.world_size, num_workers=args.num_workers, seed=args.seed,
         max_seq_length=args.max_seq_length, max_predictions_per_seq=args.max_predictions_per_seq,
-        start_state=data_state)
+        vocab_size=config.padded_vocab_size, start_state=data_state)
     model = utils.unwrap_model(parts.model)
     checkpointer = utils.Checkpointer(
         run, manager, interval=args.num_steps_per_checkpoint, step_offset=args.phase1_end_step if args.phase2 else 0,

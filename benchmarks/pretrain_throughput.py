@@ -65,7 +65,7 @@ def measure(impl: str, config_name: str, precision: str, batch_size: int, seq_le
         hf_config = transformers.BertConfig(
             vocab_size=vocab, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
             num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
-            hidden_act="gelu", max_position_embeddings=config.max_position_embeddings,
+            hidden_act=config.to_hf_dict()["hidden_act"], max_position_embeddings=config.max_position_embeddings,
             type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps)
         model = transformers.BertForPreTraining(hf_config)
         hf_labels = batch["labels"].masked_fill(batch["labels"] == -1, -100)

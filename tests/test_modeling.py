@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def hf_config(config_path: Path) -> transformers.BertConfig:
-    values = json.loads(Path(config_path).read_text())
+    values = M.BertConfig.from_json_file(config_path).to_hf_dict()  # the same activation maths in HF's names
     return transformers.BertConfig(**values, attn_implementation="eager")
 
 
@@ -127,8 +128,8 @@ def test_bundled_configs(name, layers, hidden, heads, inner):
 
 def test_activations():
     x = torch.linspace(-4, 4, 101)
-    assert torch.equal(M.ACT2FN["gelu"](x), torch.nn.functional.gelu(x))
-    for name in ("gelu_tanh", "gelu_new", "gelu_pytorch_tanh"):
+    assert torch.equal(M.ACT2FN["gelu_erf"](x), torch.nn.functional.gelu(x))
+    for name in ("gelu", "bias_gelu", "gelu_tanh", "gelu_new", "gelu_pytorch_tanh"):  # the reference's "gelu"
         assert torch.equal(M.ACT2FN[name](x), torch.nn.functional.gelu(x, approximate="tanh"))
     assert_close(M.ACT2FN["swish"](x), x * torch.sigmoid(x), atol=1e-6)
     model = M.BertModel(tiny_config(hidden_act="gelu_tanh"))
@@ -570,3 +571,40 @@ def test_missing_encoder_weight_and_untied_decoder_are_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config"):
         save_checkpoint({"model": state}, tmp_path / "lonely" / "model.pt")
         M.BertForPreTraining.from_pretrained(tmp_path / "lonely" / "model.pt")
+
+
+def test_reference_gelu_means_the_tanh_form_and_hugging_face_gelu_the_exact_one(tmp_path):
+    """A reference config's "gelu" is the tanh form (its bias_gelu kernel): outputs equal an explicit tanh-GELU
+    computation to 1e-6. A Hugging Face config's "gelu" is the exact form, and each export names what its reader
+    computes the same way."""
+    reference = M.BertConfig.from_json_file(REPO / "bert_configs" / "tiny.json")
+    assert reference.hidden_act == "gelu"
+    torch.manual_seed(0)
+    model = M.BertModel(reference).eval()
+    ids = torch.randint(0, 1000, (3, 17))
+    ours = model(ids)[0]
+
+    def tanh_gelu(x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+    for module in model.modules():
+        if isinstance(module, M.LinearActivation) and module.act is M.gelu_tanh:
+            module.act = tanh_gelu
+    torch.testing.assert_close(ours, model(ids)[0], atol=1e-6, rtol=0)
+
+    hf = {**TINY, "model_type": "bert", "hidden_act": "gelu"}
+    assert M.BertConfig.from_dict(hf).hidden_act == "gelu_erf"
+    assert M.BertConfig.from_dict({**hf, "hidden_act": "gelu_new"}).hidden_act == "gelu"
+    erf_model = M.BertModel(M.BertConfig.from_dict(hf))
+    erf_model.save_pretrained(tmp_path / "hf", hf_format=True)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["hidden_act"] == "gelu"
+    assert M.BertConfig.from_json_file(tmp_path / "hf" / "config.json").hidden_act == "gelu_erf"
+    erf_model.save_pretrained(tmp_path / "ours")  # our layout: names with our meaning, read back the same
+    assert M.BertConfig.from_json_file(tmp_path / "ours" / "config.json").hidden_act == "gelu_erf"
+    model.save_pretrained(tmp_path / "hf_tanh", hf_format=True)
+    assert json.loads((tmp_path / "hf_tanh" / "config.json").read_text())["hidden_act"] == "gelu_pytorch_tanh"
+    assert reference.to_reference_dict()["hidden_act"] == "gelu"
+    with pytest.raises(ValueError, match="cannot be expressed for the reference"):
+        erf_model.config.to_reference_dict()
+    with pytest.raises(ValueError, match="no counterpart"):
+        M.BertConfig.from_dict({**hf, "hidden_act": "quick_gelu"})

@@ -267,6 +267,7 @@ def test_export_to_reference_layout_round_trips_bit_for_bit(shards, tmp_path):
     assert convert_checkpoint.main([str(out / "ckpt_2.pt"), str(tmp_path / "ref" / "ckpt_2.pt")]) == 0
     exported = torch.load(tmp_path / "ref" / "ckpt_2.pt", weights_only=True)
     assert set(exported) == {"model", "optimizer", "grad_scaler", "epoch"}
+    assert json.loads((tmp_path / "ref" / "bert_config.json").read_text())["hidden_act"] == "gelu"
     for group in exported["optimizer"]["param_groups"]:  # what the reference's --phase2 branch does to them
         assert group["step"].dtype == torch.int32 and int(group["step"]) == 2
         group["step"].zero_()
