@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 _TOP_HEADING = re.compile(r"^= [^=].* =$")
@@ -56,7 +56,7 @@ def write_source(path: Path, prefix: str, texts: Sequence[str]) -> int:
     return len(data.encode("utf-8"))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Convert the two sources into ``--output-dir`` (default ``data/sample/source/en``)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--wikitext", required=True, help="WikiText-2 valid.txt (tokenised version).")
