@@ -110,19 +110,24 @@ def read_items(args: argparse.Namespace) -> list[dict[str, str]]:
         content = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"--json_file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"--json_file {path}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an integer of > 4300 digits, deep nesting
+        raise ValueError(f"--json_file {path}: not valid JSON ({type(exc).__name__}: {exc})") from None
     if isinstance(content, dict) and "data" in content:
-        dataset = squad.load_squad_json(path)
+        dataset = squad.load_squad_json(path, unique_ids=True)
         return [{"id": str(qa["id"]), "question": qa["question"], "context": paragraph["context"]}
                 for article in dataset["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
     if not isinstance(content, list):
         raise ValueError(f"--json_file {path}: expected a list of {{question, context}} objects or SQuAD JSON")
     items = []
+    first_with: dict[str, int] = {}
     for index, item in enumerate(content):
         if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("question", "context")):
             raise ValueError(f"--json_file {path}: item [{index}] needs string \"question\" and \"context\" fields")
-        items.append({"id": str(item.get("id", index)), "question": item["question"], "context": item["context"]})
+        qid = str(item.get("id", index))
+        if first_with.setdefault(qid, index) != index:
+            raise ValueError(f"--json_file {path}: item [{index}] has the id {qid!r} of item [{first_with[qid]}]; "
+                             "ids must be unique (answers are keyed by id)")
+        items.append({"id": qid, "question": item["question"], "context": item["context"]})
     return items
 
 

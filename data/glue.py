@@ -108,48 +108,63 @@ class DataProcessor:
     def _read(self, path: Path, split: str, layout: _Layout) -> list[InputExample]:
         if not path.is_file():
             raise GlueDataError(f"{self.task_name}: {split} file not found: {path}")
+        try:
+            with open(path, encoding="utf-8-sig", newline="") as handle:
+                return self._read_rows(path, split, layout, csv.reader(handle, delimiter="\t",
+                                                                        quoting=csv.QUOTE_NONE))
+        except UnicodeDecodeError:
+            data = path.read_bytes()
+            try:
+                data.decode("utf-8-sig")
+            except UnicodeDecodeError as exc:  # decoded whole, so that the position is the file's
+                line = data[:exc.start].count(b"\n") + 1
+                raise GlueDataError(f"{path}, line {line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            raise
+        except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
+            raise GlueDataError(f"{path}: unreadable TSV: {exc}") from None
+
+    def _read_rows(self, path: Path, split: str, layout: _Layout, reader: Any) -> list[InputExample]:
+        """Examples from the rows of ``reader`` (a ``csv.reader`` over ``path``) laid out as ``layout``."""
         examples = []
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-            if layout.header:
-                header = next(reader, None)
-                if header is None:
-                    raise GlueDataError(f"{path}: empty file, expected a header line")
-                columns = {name: i for i, name in enumerate(header)}
-                num_columns = len(header)
+        if layout.header:
+            header = next(reader, None)
+            if header is None:
+                raise GlueDataError(f"{path}: empty file, expected a header line")
+            columns = {name: i for i, name in enumerate(header)}
+            num_columns = len(header)
 
-                def index(name: str | int | None) -> int | None:
-                    if name is None or isinstance(name, int):
-                        return name
-                    if name not in columns:
-                        raise GlueDataError(
-                            f"{path}: header has no column {name!r} (found {header}); is this the {self.task_name} "
-                            f"{split} file?"
-                        )
-                    return columns[name]
-            else:
-                num_columns = layout.num_columns
-
-                def index(name: str | int | None) -> int | None:
-                    return name  # header-less layouts give positions
-
-            a, b, lab, gid = index(layout.text_a), index(layout.text_b), index(layout.label), index(layout.guid)
-            line_index = 1 if layout.header else 0
-            for row in reader:
-                if not row:  # a blank line (e.g. a trailing one) holds no example
-                    line_index += 1
-                    continue
-                if len(row) != num_columns:
+            def index(name: str | int | None) -> int | None:
+                if name is None or isinstance(name, int):
+                    return name
+                if name not in columns:
                     raise GlueDataError(
-                        f"{path}, line {reader.line_num}: expected {num_columns} tab-separated columns, "
-                        f"found {len(row)}"
+                        f"{path}: header has no column {name!r} (found {header}); is this the {self.task_name} "
+                        f"{split} file?"
                     )
-                label = None if lab is None else row[lab].strip()
-                if label is not None:
-                    self._check_label(label, path, reader.line_num)
-                guid = f"{split}-{row[gid] if gid is not None else line_index}"
-                examples.append(InputExample(guid, row[a], None if b is None else row[b], label))
+                return columns[name]
+        else:
+            num_columns = layout.num_columns
+
+            def index(name: str | int | None) -> int | None:
+                return name  # header-less layouts give positions
+
+        a, b, lab, gid = index(layout.text_a), index(layout.text_b), index(layout.label), index(layout.guid)
+        line_index = 1 if layout.header else 0
+        for row in reader:
+            if not row:  # a blank line (e.g. a trailing one) holds no example
                 line_index += 1
+                continue
+            if len(row) != num_columns:
+                raise GlueDataError(
+                    f"{path}, line {reader.line_num}: expected {num_columns} tab-separated columns, "
+                    f"found {len(row)}"
+                )
+            label = None if lab is None else row[lab].strip()
+            if label is not None:
+                self._check_label(label, path, reader.line_num)
+            guid = f"{split}-{row[gid] if gid is not None else line_index}"
+            examples.append(InputExample(guid, row[a], None if b is None else row[b], label))
+            line_index += 1
         return examples
 
     def _check_label(self, label: str, path: Path, line: int) -> None:

@@ -86,19 +86,21 @@ def _field(obj: Any, key: str, kind: type | tuple[type, ...], path: Path, where:
     if key not in obj:
         raise _fail(path, where, f"missing key {key!r}")
     value = obj[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+    if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, (str, int)):
         names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise _fail(path, f"{where}.{key}", f"expected {names}, found {type(value).__name__}")
     return value
 
 
-def load_squad_json(input_file: PathLike) -> dict:
+def load_squad_json(input_file: PathLike, unique_ids: bool = False) -> dict:
     """Read a SQuAD JSON file and check its structure (articles, paragraphs, questions, answer offsets).
 
+    With ``unique_ids`` (prediction: answers are keyed by question id) a question id used twice is an error too.
+
     Raises:
-        SquadFormatError: the file is missing or not JSON, a required key is absent or of the wrong type, or an
-            answer's ``answer_start`` (plus its text) falls outside its context. The message names the file and
-            the JSON path, e.g. ``data[0].paragraphs[3].qas[1].answers[0].answer_start``.
+        SquadFormatError: the file is missing or not JSON, a required key is absent or of the wrong type, an
+            answer's ``answer_start`` (plus its text) falls outside its context, or (``unique_ids``) an id repeats.
+            The message names the file and the JSON path, e.g. ``data[0].paragraphs[3].qas[1].answers[0].answer_start``.
     """
     path = Path(input_file)
     try:
@@ -106,8 +108,9 @@ def load_squad_json(input_file: PathLike) -> dict:
             dataset = json.load(handle)
     except FileNotFoundError:
         raise SquadFormatError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SquadFormatError(f"{path}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an integer of > 4300 digits, deep nesting
+        raise SquadFormatError(f"{path}: not valid JSON ({type(exc).__name__}: {exc})") from None
+    seen_ids: dict[str, str] = {}
     articles = _field(dataset, "data", list, path, "<root>")
     for a, article in enumerate(articles):
         for p, paragraph in enumerate(_field(article, "paragraphs", list, path, f"data[{a}]")):
@@ -115,7 +118,10 @@ def load_squad_json(input_file: PathLike) -> dict:
             context = _field(paragraph, "context", str, path, where_p)
             for q, qa in enumerate(_field(paragraph, "qas", list, path, where_p)):
                 where_q = f"{where_p}.qas[{q}]"
-                _field(qa, "id", (str, int), path, where_q)
+                qid = str(_field(qa, "id", (str, int), path, where_q))
+                if unique_ids and seen_ids.setdefault(qid, where_q) != where_q:
+                    raise _fail(path, f"{where_q}.id", f"question id {qid!r} is used by {seen_ids[qid]} too; "
+                                "predictions are keyed by id, so ids must be unique")
                 _field(qa, "question", str, path, where_q)
                 if "is_impossible" in qa and not isinstance(qa["is_impossible"], bool):
                     raise _fail(path, f"{where_q}.is_impossible", "expected true or false")
@@ -145,11 +151,11 @@ def read_squad_examples(input_file: PathLike, is_training: bool,
         (examples, num_skipped)
 
     Raises:
-        SquadFormatError: malformed file (see ``load_squad_json``), or a training question without answers that
-            is not marked impossible under --version_2_with_negative.
+        SquadFormatError: malformed file (see ``load_squad_json``; for prediction, question ids must be unique),
+            or a training question without answers that is not marked impossible under --version_2_with_negative.
     """
     path = Path(input_file)
-    dataset = load_squad_json(path)
+    dataset = load_squad_json(path, unique_ids=not is_training)
     examples: list[SquadExample] = []
     skipped = 0
     for a, article in enumerate(dataset["data"]):
@@ -277,7 +283,8 @@ def convert_examples_to_features(examples: Sequence[SquadExample], tokenizer: An
     Every distinct context word, every question and every answer is tokenized once through the tokenizer's fast
     batch path (words are tokenized independently in the reference too, so this is the same result).
     Training windows that don't contain the answer, and impossible questions, point start and end at [CLS] (0).
-    ``unique_id`` counts from 1000000000 as in the reference.
+    A training question whose answer words give no tokens at all (only control characters, say) has no span to
+    point at: it gets no features, and a warning names it. ``unique_id`` counts from 1000000000 as in the reference.
     """
     if max_seq_length - max_query_length - 3 <= 0:
         raise ValueError(f"--max_seq_length {max_seq_length} leaves no room for the document after a query of "
@@ -295,6 +302,7 @@ def convert_examples_to_features(examples: Sequence[SquadExample], tokenizer: An
     docs: dict[int, tuple[list[int], np.ndarray, np.ndarray, list[int]]] = {}
     windows: dict[tuple[int, int], tuple[list[tuple[int, int]], np.ndarray]] = {}  # (doc, query length) -> spans
     features: list[QAFeature] = []
+    untokenized: list[str] = []
     unique_id = 1000000000
     for example_index, example in enumerate(examples):
         key = id(example.doc_tokens)
@@ -319,6 +327,9 @@ def convert_examples_to_features(examples: Sequence[SquadExample], tokenizer: An
                 tok_end = orig_to_tok[example.end_position + 1] - 1
             else:
                 tok_end = len(doc_ids) - 1
+            if tok_end < tok_start:  # the answer's words have no WordPiece tokens (only control characters, ...)
+                untokenized.append(example.qas_id)
+                continue
             tok_start, tok_end = improve_answer_span(doc_ids, tok_start, tok_end, answers[example_index])
 
         if (key, len(query)) not in windows:
@@ -340,6 +351,9 @@ def convert_examples_to_features(examples: Sequence[SquadExample], tokenizer: An
                 token_is_max_context=owner[start:start + length] == span_index,
                 start_position=start_position, end_position=end_position, is_impossible=example.is_impossible))
             unique_id += 1
+    if untokenized:
+        logger.warning("skipped %d training question(s) whose answer words give no WordPiece tokens (e.g. only "
+                       "control characters): %s", len(untokenized), describe_ids(untokenized))
     return features
 
 
@@ -519,7 +533,11 @@ def compute_predictions(examples: Sequence[SquadExample], features: Sequence[QAF
     "empty" (the null-odds still treat it as a zero-logit span, as the reference does).
 
     ``start_logits[i]`` / ``end_logits[i]`` hold at least ``len(features[i].input_ids)`` logits of window i.
+    Question ids must be unique (``ValueError`` otherwise), as the results are keyed by them.
     """
+    repeated = [qid for qid, count in collections.Counter(e.qas_id for e in examples).items() if count > 1]
+    if repeated:
+        raise ValueError(f"question ids repeat ({describe_ids(repeated)}): predictions are keyed by id")
     basic = _WordCachedBasicTokenizer(BasicTokenizer(do_lower_case=do_lower_case))
     by_example: dict[int, list[int]] = collections.defaultdict(list)
     for index, feature in enumerate(features):

@@ -1,6 +1,7 @@
 """Tests for data/glue.py (GLUE readers, features, metrics) and run_glue.py (end to end on CPU)."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -170,6 +171,19 @@ def test_wrong_column_count_names_file_and_line(tmp_path):
     path = write(tmp_path, "dev.tsv", [tsv("gj04", "1", "", "fine"), tsv("gj04", "1", "too short")])
     with pytest.raises(glue.GlueDataError, match=rf"{path}, line 2: expected 4 .* found 3"):
         glue.get_processor("cola").get_dev_examples(tmp_path)
+
+
+def test_bytes_that_are_not_utf8_or_tsv_name_the_file(tmp_path):
+    # Found by tests/test_properties.py: a UnicodeDecodeError / csv.Error escaped the reader naming no file.
+    head = tsv("sentence", "label").encode()
+    path = tmp_path / "train.tsv"
+    path.write_bytes(head + b"\nfine\t1\nbroken \xed\xa0\x80 surrogate\t0\n")  # a lone surrogate as UTF-8
+    with pytest.raises(glue.GlueDataError, match=rf"^{re.escape(str(path))}, line 3: not UTF-8 text") as info:
+        glue.get_processor("sst-2").get_train_examples(tmp_path)
+    assert "\n" not in str(info.value)
+    path.write_bytes(head + b"\n" + b"x" * (csv.field_size_limit() + 1) + b"\t1\n")
+    with pytest.raises(glue.GlueDataError, match=rf"^{re.escape(str(path))}: unreadable TSV: field larger than"):
+        glue.get_processor("sst-2").get_train_examples(tmp_path)
 
 
 def test_bad_label_missing_file_and_wrong_header(tmp_path):

@@ -113,6 +113,23 @@ def test_errors(squad_run, tmp_path, capsys):
     code, _, err = run_inference(["--init_checkpoint", str(squad_run["out"]), "--vocab_file", str(VOCAB),
                                   "--json_file", str(bad)], capsys)
     assert code == 1 and "item [0]" in err and str(bad) in err
+    # Repeated ids: answers are keyed by id, so one of them would silently get the other's answer.
+    bad.write_text(json.dumps([{"question": "Who?", "context": "Rollo."}, {"id": "0", "question": "?", "context": ""}]))
+    code, _, err = run_inference(["--init_checkpoint", str(squad_run["out"]), "--vocab_file", str(VOCAB),
+                                  "--json_file", str(bad)], capsys)
+    assert code == 1 and "item [1] has the id '0' of item [0]" in err and str(bad) in err
+    dataset = json.loads(squad_run["data"].read_text())
+    paragraph = dataset["data"][0]["paragraphs"][0]
+    paragraph["qas"].append(dict(paragraph["qas"][0]))
+    bad.write_text(json.dumps(dataset))
+    code, _, err = run_inference(["--init_checkpoint", str(squad_run["out"]), "--vocab_file", str(VOCAB),
+                                  "--json_file", str(bad)], capsys)
+    assert code == 1 and f"question id {paragraph['qas'][0]['id']!r} is used by" in err and str(bad) in err
+    # JSON that Python cannot hold (an integer past int()'s digit limit) names the file and the flag.
+    bad.write_text('[{"id": ' + "7" * 5000 + "}]")
+    code, _, err = run_inference(["--init_checkpoint", str(squad_run["out"]), "--vocab_file", str(VOCAB),
+                                  "--json_file", str(bad)], capsys)
+    assert code == 1 and f"--json_file {bad}: not valid JSON" in err and len(err.strip().splitlines()) == 1
 
 
 def test_lone_surrogates_are_printed_escaped_and_named(squad_run, tmp_path, capsys, caplog):

@@ -178,6 +178,48 @@ def test_malformed_json_names_file_and_path(tmp_path, content, where):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("content, where", [
+    ("[" * 100_000, r"not valid JSON \(RecursionError"),
+    ('{"data": ' + "1" * 5000 + "}", r"not valid JSON \(ValueError: Exceeds the limit"),
+    (json.dumps({"data": [{"paragraphs": [{"context": "abc", "qas": [{"id": True, "question": "?"}]}]}]}),
+     r"qas\[0\].id: expected str/int, found bool"),
+], ids=["deep-nesting", "huge-integer", "boolean-id"])
+def test_json_python_cannot_hold_is_a_format_error(tmp_path, content, where):
+    # Found by tests/test_properties.py: RecursionError and int()'s digit limit escaped the reader.
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(squad.SquadFormatError, match=where) as info:
+        squad.load_squad_json(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_repeated_question_ids_are_refused_for_prediction(tmp_path, tokenizer):
+    # Found by tests/test_properties.py: predictions are keyed by id, so a repeated id silently lost an answer.
+    path = squad_file(tmp_path / "dup.json", [{"context": "The Normans were led by Rollo.", "qas": [
+        qa("q", "Who led them?", [("Rollo", 24)]), qa("q", "Led by whom?", [("Rollo", 24)])]}])
+    with pytest.raises(squad.SquadFormatError, match=r"qas\[1\].id: question id 'q' is used by "
+                                                      r"data\[0\].paragraphs\[0\].qas\[0\] too"):
+        squad.read_squad_examples(path, is_training=False)
+    examples, _ = squad.read_squad_examples(path, is_training=True)  # training does not key anything by id
+    assert [e.qas_id for e in examples] == ["q", "q"]
+    features = squad.convert_examples_to_features(examples, tokenizer, 32, 16, 8, is_training=False)
+    logits = [np.zeros(len(f.input_ids), dtype=np.float32) for f in features]
+    with pytest.raises(ValueError, match="question ids repeat \\('q'\\)"):
+        squad.compute_predictions(examples, features, logits, logits, tokenizer)
+
+
+def test_answer_without_wordpiece_tokens_is_skipped_not_reversed(tokenizer, caplog):
+    # Found by tests/test_properties.py: an answer word that tokenizes to nothing ("\x00") gave end < start.
+    words = squad.split_context("\x00 the duke")[0]
+    examples = [squad.SquadExample("empty", "?", words, "\x00", 0, 0),
+                squad.SquadExample("fine", "?", words, "duke", 2, 2)]
+    with caplog.at_level("WARNING", logger="data.squad"):
+        features = squad.convert_examples_to_features(examples, tokenizer, 32, 16, 8, is_training=True)
+    assert [f.example_index for f in features] == [1]
+    assert features[0].start_position == features[0].end_position == features[0].doc_offset + 1
+    assert any("no WordPiece tokens" in r.getMessage() and "'empty'" in r.getMessage() for r in caplog.records)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Features
 # ---------------------------------------------------------------------------------------------------------------
