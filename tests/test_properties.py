@@ -28,6 +28,17 @@ SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[Healt
 
 
 @pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder for the module's files (hypothesis runs each test many times; a function-scoped tmp_path
+    would be shared by all those runs anyway)."""
+    return tmp_path_factory.mktemp("properties")
+
+
+def fresh_folder(workdir: Path) -> Path:
+    return Path(tempfile.mkdtemp(dir=workdir))
+
+
+@pytest.fixture(scope="module")
 def tokenizers() -> dict[bool, BertTokenizer]:
     """The repository's vocabulary, loaded once: uncased (True) and cased (False)."""
     return {lower: BertTokenizer(VOCAB, do_lower_case=lower) for lower in (True, False)}
@@ -113,9 +124,9 @@ squad_documents = st.one_of(
 JSON value."""
 
 
-def write_json(document: object, raw_prefix: bytes = b"") -> Path:
+def write_json(workdir: Path, document: object, raw_prefix: bytes = b"") -> Path:
     """``document`` as a JSON file (surrogates as \\u escapes, as json.dumps writes them), in a fresh folder."""
-    path = Path(tempfile.mkdtemp(prefix="prop-")) / "input.json"
+    path = fresh_folder(workdir) / "input.json"
     path.write_bytes(raw_prefix + json.dumps(document).encode("ascii"))
     return path
 
@@ -173,8 +184,8 @@ def check_squad_examples(document: dict, examples: list[squad.SquadExample], is_
 
 @SETTINGS
 @given(document=squad_documents, is_training=st.booleans(), v2=st.booleans())
-def test_squad_reader_fails_only_with_squad_format_error(document, is_training, v2):
-    path = write_json(document)
+def test_squad_reader_fails_only_with_squad_format_error(workdir, document, is_training, v2):
+    path = write_json(workdir, document)
     try:
         examples, skipped = squad.read_squad_examples(path, is_training=is_training, version_2_with_negative=v2)
     except squad.SquadFormatError as exc:
@@ -189,8 +200,8 @@ def test_squad_reader_fails_only_with_squad_format_error(document, is_training, 
 @example(raw=b"[" * 100_000)  # nesting deeper than the recursion limit
 @example(raw=b"1" * 5000)  # an integer longer than int() accepts (4300 digits)
 @example(raw=b"\xff\xfe")  # not UTF-8
-def test_squad_reader_names_the_file_for_bytes_that_are_not_json(raw):
-    path = write_json({"data": []}, raw_prefix=raw)  # junk bytes before a valid document
+def test_squad_reader_names_the_file_for_bytes_that_are_not_json(workdir, raw):
+    path = write_json(workdir, {"data": []}, raw_prefix=raw)  # junk bytes before a valid document
     try:
         squad.load_squad_json(path)
     except squad.SquadFormatError as exc:
@@ -200,13 +211,13 @@ def test_squad_reader_names_the_file_for_bytes_that_are_not_json(raw):
 @SETTINGS
 @given(paragraphs=st.lists(squad_paragraphs(valid=True), min_size=1, max_size=3), is_training=st.booleans(),
        lower=st.booleans(), max_seq_length=st.integers(24, 64), doc_stride=st.integers(1, 16))
-def test_squad_features_keep_their_invariants(tokenizers, paragraphs, is_training, lower, max_seq_length,
+def test_squad_features_keep_their_invariants(workdir, tokenizers, paragraphs, is_training, lower, max_seq_length,
                                               doc_stride):
     questions = [qa for paragraph in paragraphs for qa in paragraph["qas"]]
     for number, qa in enumerate(questions):  # prediction needs unique ids (the reader test covers repeats)
         qa["id"] = f"{qa['id']}#{number}"
     document = {"version": "v2.0", "data": [{"title": "t", "paragraphs": paragraphs}]}
-    path = write_json(document)
+    path = write_json(workdir, document)
     examples, _ = squad.read_squad_examples(path, is_training=is_training, version_2_with_negative=True)
     tokenizer = tokenizers[lower]
     features = squad.convert_examples_to_features(examples, tokenizer, max_seq_length, doc_stride, 16, is_training)
@@ -286,9 +297,9 @@ def glue_files(draw: st.DrawFn) -> tuple[glue.DataProcessor, str, bytes, int | N
 
 @SETTINGS
 @given(case=glue_files(), max_seq_length=st.integers(3, 24), lower=st.booleans())
-def test_glue_readers_fail_only_with_glue_data_error(tokenizers, case, max_seq_length, lower):
+def test_glue_readers_fail_only_with_glue_data_error(workdir, tokenizers, case, max_seq_length, lower):
     processor, split, data, expected = case
-    folder = Path(tempfile.mkdtemp(prefix="prop-glue-"))
+    folder = fresh_folder(workdir)
     file_name = {"train": processor.train_file, "dev": processor.dev_file, "test": processor.test_file}[split]
     path = folder / file_name
     path.write_bytes(data)
