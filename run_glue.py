@@ -85,6 +85,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--skip_checkpoint", action="store_true", help="Do not write the fine-tuned model.")
     other.add_argument("--json-summary", dest="json_summary", default=None,
                        help="dllogger JSON-lines file (default: <output_dir>/dllogger.json).")
+    other.add_argument("--tensorboard", default=None, metavar="DIR",
+                       help="Also write the logged scalars as TensorBoard events to DIR (rank 0; needs the "
+                            "tensorboard package).")
     other.add_argument("--features_cache_dir", default=None,
                        help="Folder of the tokenized-features cache (default: --data_dir, as the reference).")
     other.add_argument("--skip_features_cache", action="store_true",
@@ -390,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             return utils.report_error("run_glue.py", exc)
     return utils.run_job("run_glue.py", args, check_arguments, lambda run: execute(args, run),
-                         json_summary=args.json_summary or str(Path(args.output_dir) / "dllogger.json"))
+                         json_summary=args.json_summary or str(Path(args.output_dir) / "dllogger.json"),
+                         tensorboard=args.tensorboard)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--do_train", action="store_true", help="Must be set: train the model.")
     other.add_argument("--json-summary", dest="json_summary", default="results/dllogger.json",
                        help="dllogger JSON-lines file written by rank 0.")
+    other.add_argument("--tensorboard", default=None, metavar="DIR",
+                       help="Also write the logged scalars as TensorBoard events to DIR (rank 0; needs the "
+                            "tensorboard package); phase 2 continues after --phase1_end_step.")
     other.add_argument("--use_env", action="store_true",
                        help="Accepted for launcher compatibility; ranks are always read from the environment.")
     other.add_argument("--disable_progress_bar", action="store_true", help="No tqdm bar.")
@@ -330,7 +333,8 @@ def train(args: argparse.Namespace, run: utils.Run) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     return utils.run_job("run_pretraining.py", args, check_arguments, lambda run: train(args, run),
-                         json_summary=args.json_summary)
+                         json_summary=args.json_summary, tensorboard=args.tensorboard,
+                         tensorboard_step_offset=args.phase1_end_step if args.phase2 else 0)
 
 
 if __name__ == "__main__":

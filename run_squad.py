@@ -90,6 +90,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--log_freq", type=int, default=50, help="Log every N optimizer steps.")
     other.add_argument("--json-summary", dest="json_summary", default="results/dllogger.json",
                        help="dllogger JSON-lines file written by rank 0.")
+    other.add_argument("--tensorboard", default=None, metavar="DIR",
+                       help="Also write the logged scalars as TensorBoard events to DIR (rank 0; needs the "
+                            "tensorboard package).")
     other.add_argument("--eval_script", default=None,
                        help="With --do_eval: also run this official evaluate script (data_file pred_file) as a "
                             "subprocess and log its JSON output.")
@@ -384,7 +387,7 @@ def execute(args: argparse.Namespace, run: utils.Run) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     return utils.run_job("run_squad.py", args, check_arguments, lambda run: execute(args, run),
-                         json_summary=args.json_summary, errors=(EvalScriptError,))
+                         json_summary=args.json_summary, errors=(EvalScriptError,), tensorboard=args.tensorboard)
 
 
 if __name__ == "__main__":

@@ -397,6 +397,70 @@ class StdOutBackend:
         sys.stdout.flush()
 
 
+def tensorboard_tag(key: str) -> str:
+    """The namespaced TensorBoard tag of a dllogger metric: ``loss/average_loss``, ``optimizer/learning_rate``,
+    ``throughput/sequences_per_second``, ``memory/peak_memory_gib``, ``time/e2e_train_time``, ``eval/F1``, ..."""
+    if key in ("learning_rate", "grad_norm", "skipped_steps", "loss_scale"):
+        group = "optimizer"
+    elif "loss" in key:
+        group = "loss"
+    elif key in ("tflops", "mfu", "data_time_fraction") or "per_second" in key or "throughput" in key:
+        group = "throughput"
+    elif "memory" in key:
+        group = "memory"
+    elif "time" in key or "latency" in key:
+        group = "time"
+    else:
+        group = "eval"
+    return f"{group}/" + re.sub(r"[^A-Za-z0-9_.\-]+", "_", key).strip("_")
+
+
+class TensorBoardBackend:
+    """Writes the numbers of each dllogger record as TensorBoard scalars (same ``log``/``metadata``/``flush``
+    interface as the other backends), under namespaced tags (``tensorboard_tag``).
+
+    Training records (step ``(epoch, step)``) are written at global step ``step_offset + step`` (phase 2 passes
+    ``--phase1_end_step`` so that it continues phase 1's curves, as its checkpoints are numbered); the run's final
+    record (step ``()``) at the last step written. Strings (``mfu`` "n/a" on a CPU) and ``PARAMETER`` records are
+    not scalars, except the resolved config, kept as text. Needs the ``tensorboard`` package.
+    """
+
+    def __init__(self, verbosity: int, log_dir: PathLike, step_offset: int = 0) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch's module raises it when the tensorboard package is missing
+            raise ValueError(f"--tensorboard {log_dir} needs the tensorboard package, which is not installed: "
+                             "pip install tensorboard (or leave out --tensorboard)") from None
+        self.verbosity = verbosity
+        self.step_offset = step_offset
+        self.last_step = step_offset
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, timestamp: float, elapsedtime: float, step: Any, data: dict) -> None:
+        if step == "PARAMETER":
+            if "Config" in data:
+                config = data["Config"][0] if isinstance(data["Config"], list) else data["Config"]
+                self.writer.add_text("config", f"```\n{config}\n```", global_step=self.last_step)
+            return
+        if isinstance(step, (tuple, list)) and len(step) >= 2 and isinstance(step[1], int):
+            self.last_step = self.step_offset + step[1]
+        elif not (isinstance(step, (tuple, list)) and len(step) == 0):
+            return
+        for key, value in data.items():
+            value = _plain(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(tensorboard_tag(key), value, global_step=self.last_step, walltime=timestamp)
+
+    def metadata(self, timestamp: float, elapsedtime: float, metric: str, metadata: dict) -> None:
+        pass  # units live in the tags' documentation; TensorBoard has nowhere to show them
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class Logger:
     """dllogger's ``Logger``: fans records out to backends that are verbose enough. No backends = a no-op."""
 
@@ -420,30 +484,42 @@ class Logger:
             backend.flush()
 
 
-def setup_logger(json_path: PathLike | None, enabled: bool | None = None) -> Any:
-    """Rank 0 logs to the ``--json-summary`` file and stdout; other ranks get a logger with no backends.
+def setup_logger(json_path: PathLike | None, enabled: bool | None = None, tensorboard_dir: PathLike | None = None,
+                 tensorboard_step_offset: int = 0) -> Any:
+    """Rank 0 logs to the ``--json-summary`` file, stdout and (with ``tensorboard_dir``) TensorBoard; other ranks
+    get a logger with no backends.
 
     When NVIDIA's ``dllogger`` package is installed it is used (same records, same format); otherwise this
-    module's compatible implementation is.
+    module's compatible implementation is. The TensorBoard backend is this module's in both cases.
     """
     enabled = is_main_process() if enabled is None else enabled
     try:
         import dllogger  # type: ignore[import-not-found]
     except ImportError:
         dllogger = None
+    tensorboard = [TensorBoardBackend(Verbosity.VERBOSE, tensorboard_dir, tensorboard_step_offset)] \
+        if enabled and tensorboard_dir else []
     if dllogger is not None:
         backends = []
         if enabled:
             if json_path:
                 backends.append(dllogger.JSONStreamBackend(dllogger.Verbosity.VERBOSE, str(json_path), append=True))
             backends.append(dllogger.StdOutBackend(dllogger.Verbosity.VERBOSE, step_format=format_step))
-        return dllogger.Logger(backends)
+        return dllogger.Logger(backends + tensorboard)
     backends = []
     if enabled:
         if json_path:
             backends.append(JSONStreamBackend(Verbosity.VERBOSE, json_path, append=True))
         backends.append(StdOutBackend(Verbosity.VERBOSE))
-    return Logger(backends)
+    return Logger(backends + tensorboard)
+
+
+def close_logger(dllog: Any) -> None:
+    """Flush the logger and close the backends that hold a writer (TensorBoard's)."""
+    dllog.flush()
+    for backend in getattr(dllog, "backends", []):
+        if isinstance(backend, TensorBoardBackend):
+            backend.close()
 
 
 def log_config(dllog: Any, args: Any) -> None:
@@ -1172,13 +1248,16 @@ def report_error(script: str, exc: BaseException) -> int:
 
 
 def run_job(script: str, args: Any, check: Callable[[Any, int], None], body: Callable[[Run], None], *,
-            json_summary: PathLike | None, errors: tuple[type[BaseException], ...] = ()) -> int:
+            json_summary: PathLike | None, errors: tuple[type[BaseException], ...] = (),
+            tensorboard: PathLike | None = None, tensorboard_step_offset: int = 0) -> int:
     """Set up a run, check its flags, run ``body`` and turn user errors into one line and exit status 1.
 
     In order: ``--local_rank`` to ``LOCAL_RANK`` (torch.distributed.launch), distributed setup, Python logging,
     ``check(args, world_size)`` and the precision flags (before any file is written), the dllogger (rank 0 writes
-    ``json_summary``), seeds (``--seed`` + rank) and the resolved config. ``errors`` adds script-specific
-    exception types to ``USER_ERRORS``. The dllogger is flushed and the process group closed in any case.
+    ``json_summary``, and TensorBoard events to the folder ``tensorboard`` when given, steps offset by
+    ``tensorboard_step_offset``), seeds (``--seed`` + rank) and the resolved config. ``errors`` adds
+    script-specific exception types to ``USER_ERRORS``. The dllogger is flushed (and closed) and the process group
+    closed in any case.
     """
     if getattr(args, "local_rank", -1) >= 0 and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
@@ -1188,7 +1267,8 @@ def run_job(script: str, args: Any, check: Callable[[Any, int], None], body: Cal
     try:
         check(args, env.world_size)
         precision = check_precision_flags(args, env.device)
-        dllog = setup_logger(json_summary if env.is_main else None, enabled=env.is_main)
+        dllog = setup_logger(json_summary if env.is_main else None, enabled=env.is_main, tensorboard_dir=tensorboard,
+                             tensorboard_step_offset=tensorboard_step_offset)
         set_seed(args.seed, env.rank)
         log_config(dllog, args)
         dllog.log(step="PARAMETER", data={"SEED": args.seed, "precision": precision, "world_size": env.world_size,
@@ -1198,5 +1278,5 @@ def run_job(script: str, args: Any, check: Callable[[Any, int], None], body: Cal
     except USER_ERRORS + errors as exc:
         return report_error(script, exc)
     finally:
-        dllog.flush()
+        close_logger(dllog)
         cleanup_distributed()
