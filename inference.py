@@ -19,13 +19,18 @@ from tokenization import BertTokenizer
 logger = logging.getLogger("inference")
 
 CANDIDATES = 20
-DEFAULT_QUESTION = "What do broad-spectrum antibiotics do to the gut flora?"
+# The reference's defaults (its README's probiotics/antibiotics example), without their trailing spaces.
+DEFAULT_QUESTION = "Most antibiotics target bacteria and don't affect what class of organisms?"
 DEFAULT_CONTEXT = (
-    "The human gut is home to trillions of bacteria, collectively called the gut flora, which help digest food, "
-    "make vitamins and keep harmful microbes in check. Broad-spectrum antibiotics kill many of these helpful "
-    "bacteria along with the pathogens they are meant to treat. After a course of antibiotics the gut flora can "
-    "take weeks or months to recover, and during that time opportunistic species such as Clostridioides "
-    "difficile may grow unchecked and cause severe diarrhea."
+    "Within the genitourinary and gastrointestinal tracts, commensal flora serve as biological barriers by competing "
+    "with pathogenic bacteria for food and space and, in some cases, by changing the conditions in their "
+    "environment, such as pH or available iron. This reduces the probability that pathogens will reach sufficient "
+    "numbers to cause illness. However, since most antibiotics non-specifically target bacteria and do not affect "
+    "fungi, oral antibiotics can lead to an overgrowth of fungi and cause conditions such as a vaginal candidiasis "
+    "(a yeast infection). There is good evidence that re-introduction of probiotic flora, such as pure cultures of "
+    "the lactobacilli normally found in unpasteurized yogurt, helps restore a healthy balance of microbial "
+    "populations in intestinal infections in children and encouraging preliminary data in studies on bacterial "
+    "gastroenteritis, inflammatory bowel diseases, urinary tract infection and post-surgical infections."
 )
 
 
@@ -59,12 +64,15 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Answers listed per question, best first (chosen from at least 20 candidates).")
     other.add_argument("--max_answer_length", type=int, default=30, help="Longest answer, in tokens.")
     other.add_argument("--predict_batch_size", type=int, default=8, help="Windows per forward pass.")
-    other.add_argument("--no_cuda", action="store_true", help="Run on the CPU even when a GPU is present.")
+    other.add_argument("--no_cuda", "--no_gpu", dest="no_cuda", action="store_true",
+                       help="Run on the CPU even when a GPU is present (--no_gpu: the reference's name).")
     other.add_argument("--do_lower_case", action="store_true", help="Lower-case the text (uncased models).")
-    other.add_argument("--can_give_negative_answer", action="store_true",
-                       help="SQuAD v2.0 model: answer \"\" (unknown) when the null score wins by the threshold.")
+    other.add_argument("--version_2_with_negative", "--can_give_negative_answer", dest="version_2_with_negative",
+                       action="store_true",
+                       help="SQuAD v2.0 model: answer \"\" (unknown) when the null score wins by the threshold; "
+                            "--can_give_negative_answer (the reference inference.py's name) is the same option.")
     other.add_argument("--null_score_diff_threshold", type=float, default=-11.0,
-                       help="With --can_give_negative_answer: answer \"\" when null score - best span score > this.")
+                       help="With --version_2_with_negative: answer \"\" when null score - best span score > this.")
     other.add_argument("--fp16", action="store_true", help="fp16 autocast (CUDA only).")
     other.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU or CPU).")
     other.add_argument("--local_rank", type=int, default=-1, help="GPU index to run on (-1: the first GPU).")
@@ -151,7 +159,7 @@ def answer(items: list[dict[str, str]], model: BertForQuestionAnswering, tokeniz
     predictions = squad.compute_predictions(
         examples, features, starts, ends, tokenizer, n_best_size=max(args.n_best_size, CANDIDATES),
         max_answer_length=args.max_answer_length, do_lower_case=args.do_lower_case,
-        version_2_with_negative=args.can_give_negative_answer,
+        version_2_with_negative=args.version_2_with_negative,
         null_score_diff_threshold=args.null_score_diff_threshold)
     results = []
     for item, example in zip(items, examples):

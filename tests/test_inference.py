@@ -203,3 +203,31 @@ def test_fine_tuned_minilm_answers_its_training_questions(tmp_path, capsys):
     results = json.loads(stdout)["results"]
     correct = sum(r["answer"] in gold[r["id"]] for r in results)
     assert len(results) == 7 and correct >= 4, results
+
+
+def test_version_2_with_negative_and_its_alias_and_the_reference_defaults(squad_run, capsys):
+    # run_squad.py's flag name and inference.py's older one are one option.
+    for flag in ("--version_2_with_negative", "--can_give_negative_answer"):
+        assert inference.parse_arguments(["--init_checkpoint", "x", flag]).version_2_with_negative is True
+    assert inference.parse_arguments(["--init_checkpoint", "x"]).version_2_with_negative is False
+    assert not hasattr(inference.parse_arguments(["--init_checkpoint", "x"]), "can_give_negative_answer")
+    # The reference's defaults: its README's probiotics/antibiotics example.
+    args = inference.parse_arguments(["--init_checkpoint", "x"])
+    assert args.question == "Most antibiotics target bacteria and don't affect what class of organisms?"
+    assert args.context.startswith("Within the genitourinary and gastrointestinal tracts, commensal flora serve as ")
+    assert "most antibiotics non-specifically target bacteria and do not affect fungi" in args.context
+    assert args.context.endswith("urinary tract infection and post-surgical infections.")
+    assert (args.null_score_diff_threshold, args.n_best_size, args.max_seq_length) == (-11.0, 1, 384)
+    assert inference.parse_arguments(["--init_checkpoint", "x", "--no_gpu"]).no_cuda is True
+    # With a threshold far below any score difference the null answer wins, but only when the option is set.
+    base = ["--init_checkpoint", str(squad_run["out"]), "--vocab_file", str(VOCAB), "--do_lower_case",
+            "--max_seq_length", "128", "--null_score_diff_threshold=-1e9"]
+    answers = {}
+    for extra in ([], ["--version_2_with_negative"], ["--can_give_negative_answer"]):
+        code, out, err = run_inference(base + extra, capsys)
+        assert code == 0, err
+        lines = out.splitlines()
+        assert lines[0] == f"question: {args.question}" and lines[1] == f"context: {args.context}"
+        answers[" ".join(extra)] = lines[2].removeprefix("answer: ")
+    assert answers[""] and answers[""] != "(no answer)" and answers[""] in args.context
+    assert answers["--version_2_with_negative"] == answers["--can_give_negative_answer"] == "(no answer)"
