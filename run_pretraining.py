@@ -33,6 +33,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                           help="Where ckpt_<step>.pt files are written and resumed from.")
     required.add_argument("--vocab_file", required=True, help="WordPiece vocab the Parquet shards' tokens map through.")
     other = parser.add_argument_group("other")
+    other.add_argument("--bert_model", default="bert-large-uncased",
+                       help="Model name, only recorded (the reference README lists it; --config_file sets the model).")
     other.add_argument("--init_checkpoint", default=None,
                        help="Start from this checkpoint (ours, the reference's, or a Hugging Face folder/file); "
                             "a training checkpoint also brings its LAMB moments, as the reference does.")
