@@ -17,7 +17,7 @@ from conftest import REPO, shared_path
 
 import run_squad
 from data import squad
-from modeling import BertConfig, BertModel
+from modeling import BertConfig
 from tokenization import BertTokenizer
 
 VOCAB = REPO / "vocab" / "vocab"
@@ -454,14 +454,8 @@ def summary(json_path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_init(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tiny")
-    config = BertConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37,
-                        max_position_embeddings=160)
-    config.to_json_file(folder / "config.json")
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder / "init")
-    return folder / "init", folder / "config.json"
+def tiny_init(tiny_encoder) -> tuple[Path, Path]:
+    return tiny_encoder
 
 
 def squad_args(init: Path, config: Path, out: Path, **flags) -> list[str]:
