@@ -216,13 +216,23 @@ def find_logs(inputs: list[str]) -> list[Path]:
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            logs = sorted(p for p in item.rglob("*.json") if p.is_file() and _is_dllogger(p))
+            # in the order the runs started (pre-training before the fine-tuning that used its checkpoint)
+            logs = sorted((p for p in item.rglob("*.json") if p.is_file() and _is_dllogger(p)),
+                          key=lambda p: (_first_timestamp(p), str(p)))
             if not logs:
                 raise LogError(f"{item}: no dllogger logs found in this folder (*.json files of 'DLLL ' lines)")
             found += logs
         else:
             found.append(item)
     return list(dict.fromkeys(found))
+
+
+def _first_timestamp(path: Path) -> float:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return float(json.loads(handle.readline()[5:]).get("timestamp", math.inf))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return math.inf
 
 
 def _is_dllogger(path: Path) -> bool:
@@ -341,7 +351,7 @@ def _pretraining(axes: list[Any], runs: list[RunLog], color_of: dict[int, str]) 
 
 def _finetuning(loss_ax: Any, metric_ax: Any, stages: list[tuple[RunLog, Stage]], color_of: dict[int, str],
                 legend: bool) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     markers = "osD^v<>"
     metric_names: set[str] = set()
@@ -365,7 +375,9 @@ def _finetuning(loss_ax: Any, metric_ax: Any, stages: list[tuple[RunLog, Stage]]
             metric_ax.plot(px, py, color=color, marker=markers[j % len(markers)], linestyle="-", markersize=7,
                            label=f"{label} {name}", gid=f"{run.label}|{stage.name}|{key}")
             for x, y in points:
-                metric_ax.annotate(f"{y:.1f}", xy=(x, y), xytext=(6, 0), textcoords="offset points", va="center",
+                # EM and F1 are often close: the first metric's label goes below, the next above
+                metric_ax.annotate(f"{y:.1f}", xy=(x, y), xytext=(7, -5 if j % 2 == 0 else 5),
+                                   textcoords="offset points", va="center",
                                    fontsize=9, color=color)
     loss_ax.set_title("Fine-tuning: training loss (dotted: epoch ends)")
     loss_ax.set_xlabel("optimizer step")
@@ -376,10 +388,20 @@ def _finetuning(loss_ax: Any, metric_ax: Any, stages: list[tuple[RunLog, Stage]]
     metric_ax.set_xlabel("epochs trained")
     metric_ax.set_ylabel("score (%)")
     metric_ax.grid(True, alpha=0.3)
+    losses = [y for ln in loss_ax.get_lines() for y in ln.get_ydata() if ln.get_gid()]
+    if losses and min(losses) > 0 and max(losses) / min(losses) > 5:  # e.g. SQuAD's ~5 beside SST-2's ~0.7
+        loss_ax.set_yscale("log")
+        loss_ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        loss_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        loss_ax.yaxis.set_minor_formatter(NullFormatter())
+        loss_ax.set_ylabel("loss (cross-entropy, nats; log scale)")
     if metric_names:
         low, high = metric_ax.get_xlim()
         metric_ax.set_xlim(min(0.0, low), high + 0.25 * max(high - low, 1.0))  # room for the value labels
-        metric_ax.legend(loc="lower right", fontsize=9)
+        scores = [y for ln in metric_ax.get_lines() for y in ln.get_ydata()]
+        if 0 <= min(scores) and max(scores) <= 100:
+            metric_ax.set_ylim(0, 105)
+        metric_ax.legend(loc="best", fontsize=9)
     else:
         metric_ax.text(0.5, 0.5, "no evaluation metrics logged", transform=metric_ax.transAxes, ha="center",
                        va="center", color="0.4")
@@ -434,7 +456,8 @@ def summary_rows(runs: list[RunLog]) -> list[tuple[str, ...]]:
     for run in runs:
         for stage in run.stages:
             xs, losses = stage.series("average_loss")
-            loss = f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "-"
+            loss = f"{losses[0]:.3f} -> {losses[-1]:.3f}" if len(losses) > 1 else \
+                f"{losses[0]:.3f} (one record)" if losses else "-"
             rows.append((stage_label(run, stage),
                          _what_ran(stage), loss, _metric_text(stage), f"{stage.seconds:.0f} s"))
     return rows

@@ -315,3 +315,21 @@ def test_benchmark_ratios_are_plotted_from_the_results(tmp_path):
     out = tmp_path / "ratios.png"
     assert plot_results.main(["--results", str(results), "-o", str(out)]) == 0
     assert png_size(out) == plot_results.figure_size(workloads)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# scripts/cpu_demo.sh's arguments (the demo itself runs for minutes: not here)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_cpu_demo_help_and_unknown_argument(tmp_path):
+    import subprocess
+
+    env = {"PATH": "/usr/bin:/bin", "RESULTS_DIR": str(tmp_path / "demo")}
+    done = subprocess.run(["bash", "scripts/cpu_demo.sh", "--help"], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert done.returncode == 0 and "--pretrained" in done.stdout and "plumbing check" in done.stdout
+    done = subprocess.run(["bash", "scripts/cpu_demo.sh", "--pretrianed"], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert done.returncode == 1 and "unknown argument '--pretrianed'" in done.stderr
+    assert not (tmp_path / "demo").exists()  # nothing was started or deleted
