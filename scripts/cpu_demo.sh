@@ -73,7 +73,7 @@ if ! "$PYTHON" scripts/plot_logs.py "$RESULTS_DIR" --summary -o "$RESULTS_DIR/lo
      --title "CPU demo$([ "$pretrained" = true ] && echo ", pre-trained all-MiniLM-L6-v2"): training curves"; then
   echo "(no loss.png: the table above needs nothing, the picture needs matplotlib: pip install matplotlib)"
 fi
-echo "| inference.py | \"$question\" -> $(sed -n 's/^answer: //p' "$RESULTS_DIR/answer.txt") |"
+echo "inference.py: \"$question\" -> $(sed -n "s/^answer: //p" "$RESULTS_DIR/answer.txt")"
 echo "CPU demo finished in $((SECONDS - start)) s: checkpoints, logs, predictions and loss.png are in $RESULTS_DIR"
 if [ "$pretrained" = false ]; then
   cat <<'EOF'
