@@ -446,10 +446,12 @@ class TensorBoardBackend:
             self.last_step = self.step_offset + step[1]
         elif not (isinstance(step, (tuple, list)) and len(step) == 0):
             return
+        # NVIDIA's dllogger passes a datetime, this module's Logger seconds since the epoch
+        walltime = timestamp.timestamp() if isinstance(timestamp, _dt.datetime) else timestamp
         for key, value in data.items():
             value = _plain(value)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(tensorboard_tag(key), value, global_step=self.last_step, walltime=timestamp)
+                self.writer.add_scalar(tensorboard_tag(key), value, global_step=self.last_step, walltime=walltime)
 
     def metadata(self, timestamp: float, elapsedtime: float, metric: str, metadata: dict) -> None:
         pass  # units live in the tags' documentation; TensorBoard has nowhere to show them

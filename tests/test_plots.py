@@ -294,6 +294,23 @@ def test_tensorboard_tags_are_namespaced():
     assert utils.tensorboard_tag("F1") == "eval/F1"
 
 
+def test_tensorboard_backend_takes_nvidia_dllogger_datetimes(tmp_path):
+    """NVIDIA's dllogger.Logger passes a datetime as the timestamp; this module's Logger passes seconds."""
+    import datetime
+
+    import utils
+
+    pytest.importorskip("tensorboard")
+    backend = utils.TensorBoardBackend(utils.Verbosity.VERBOSE, tmp_path, step_offset=10)
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    backend.log(when, 0.0, (0, 1), {"average_loss": 2.5, "mfu": "n/a", "skipped_steps": 0})
+    backend.log(when.timestamp() + 1, 1.0, (), {"F1": 50.0})
+    backend.log(when.timestamp() + 2, 2.0, "PARAMETER", {"SEED": 1})
+    backend.close()
+    assert scalars(tmp_path) == {"loss/average_loss": [(11, 2.5)], "optimizer/skipped_steps": [(11, 0.0)],
+                                 "eval/F1": [(11, 50.0)]}
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # benchmarks/plot_results.py
 # ------------------------------------------------------------------------------------------------------------------
