@@ -3,7 +3,7 @@ positions and LAMB step, each measured in a fresh process so peak memory is its 
 
 Ours runs through ``utils.train_loop``, the path run_pretraining.py takes (gradient-norm measurement and the
 finite check included); transformers' model runs a bare forward/backward/LAMB step, so any loop overhead counts
-against ours.
+against ours. ``--impls ours ours-bare`` also times our model on the bare step, which isolates the loop's cost.
 
     python benchmarks/pretrain_throughput.py                      # CPU: tiny, small and base, fp32 and bf16
     python benchmarks/pretrain_throughput.py --configs large --precisions bf16 --batch_size 256   # one GPU
@@ -52,7 +52,7 @@ def measure(impl: str, config_name: str, precision: str, batch_size: int, seq_le
     batch = {k: v.to(device) for k, v in dict(input_ids=input_ids, token_type_ids=token_type_ids,
                                                attention_mask=attention_mask, labels=labels, nsp=nsp).items()}
 
-    if impl == "ours":
+    if impl in ("ours", "ours-bare"):
         model = BertForPreTraining(config)
 
         def loss_fn() -> torch.Tensor:
@@ -140,6 +140,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models.")
+    parser.add_argument("--impls", nargs="+", default=["ours", "transformers"],
+                        choices=["ours", "ours-bare", "transformers"],
+                        help="ours = our model through utils.train_loop; ours-bare = our model on the bare step.")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement and print its JSON
     args = parser.parse_args()
     if args.one:
@@ -151,7 +154,7 @@ def main() -> None:
     for config_name in args.configs:
         for precision in args.precisions:
             pair = {}
-            for impl in ("ours", "transformers"):
+            for impl in args.impls:
                 cmd = [sys.executable, __file__, "--one", f"{impl},{config_name},{precision}",
                        "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len),
                        "--masked", str(args.masked), "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -166,9 +169,11 @@ def main() -> None:
                 print(f"{impl:>12} {config_name:>5} {precision:>4} bs{args.batch_size} seq{args.seq_len}: "
                       f"{r['sequences_per_second']:8.2f} seq/s  MFU {mfu}  peak {r['peak_memory_gib']:.2f} GiB",
                       flush=True)
-            ratio = pair["ours"]["sequences_per_second"] / pair["transformers"]["sequences_per_second"]
-            ratios[f"{config_name}/{precision}"] = ratio
-            print(f"{'':>12} {config_name:>5} {precision:>4} speed-up ours/transformers: {ratio:.2f}x", flush=True)
+            for other, label in (("transformers", ""), ("ours-bare", " (loop vs bare step)")):
+                if "ours" in pair and other in pair:
+                    ratio = pair["ours"]["sequences_per_second"] / pair[other]["sequences_per_second"]
+                    ratios[f"{config_name}/{precision}" + ("" if other == "transformers" else "/loop")] = ratio
+                    print(f"{'':>12} {config_name:>5} {precision:>4} ours/{other}{label}: {ratio:.2f}x", flush=True)
     print(json.dumps({"benchmark": "pretrain_throughput", "results": results, "ratios": ratios}))
 
 
