@@ -171,7 +171,8 @@ def read_log(path: Path, label: str | None = None) -> RunLog:
         config = next((c for c in map(_config, segment) if c is not None), {})
         name, kind = _stage_name(config)
         train = [r for r in segment if r.get("type") == "LOG" and isinstance(r.get("step"), list)
-                 and len(r["step"]) == 2 and isinstance(r.get("data"), dict)]
+                 and len(r["step"]) == 2 and all(isinstance(x, int) for x in r["step"])
+                 and isinstance(r.get("data"), dict)]
         finals = [r["data"] for r in segment if r.get("type") == "LOG" and r.get("step") == []
                   and isinstance(r.get("data"), dict)]
         metrics = [{k: float(v) for k, v in d.items() if k in EVAL_METRICS and isinstance(v, (int, float))}
