@@ -435,7 +435,7 @@ def _what_ran(stage: Stage) -> str:
         return (f"pre-training {stage.name}, {model} config, seq {c.get('max_seq_length', '?')}, "
                 f"batch {c.get('train_batch_size', '?')}, steps {stage.steps()[0] + stage.offset}-"
                 f"{last + stage.offset}")
-    init = Path(str(c.get("init_checkpoint", "") or "")).name or "?"
+    init = "/".join(Path(str(c.get("init_checkpoint", "") or "")).parts[-2:]) or "?"  # ".../minilm/model"
     done = f"{last} steps, {stage.epochs_done():g} epochs" if steps else "evaluation only"
     return f"{stage.name} fine-tuning from {init}: {done}"
 
