@@ -124,12 +124,12 @@ def check_arguments(args: argparse.Namespace, world_size: int) -> None:
     utils.check_batch_arithmetic(args.train_batch_size, args.gradient_accumulation_steps, world_size)
     if args.max_steps < 1:
         raise ValueError(f"--max_steps must be >= 1, got {args.max_steps}")
-    utils.check_positive_finite(learning_rate=args.learning_rate, init_loss_scale=args.init_loss_scale)
+    utils.check_positive_finite(learning_rate=args.learning_rate, init_loss_scale=args.init_loss_scale,
+                                log_freq=args.log_freq)
     if args.keep_checkpoints < 1:
         raise ValueError(f"--keep_checkpoints must be >= 1, got {args.keep_checkpoints}")
     if not 0.0 <= args.warmup_proportion < 1.0:
         raise ValueError(f"--warmup_proportion must be in [0, 1), got {args.warmup_proportion}")
-    utils.check_positive_finite(log_freq=args.log_freq)
     if args.num_steps_per_checkpoint < 1:
         raise ValueError(f"--num_steps_per_checkpoint must be >= 1, got {args.num_steps_per_checkpoint}")
     if args.num_train_epochs is not None:
