@@ -30,22 +30,36 @@ def _load(path: Path) -> dict | None:
         raise ValueError(f"{path}: not a JSON results file ({exc})") from None
 
 
+IMPL_LABELS = {"ours": "utils.train_loop", "ours-bare": "bare forward/backward/step"}
+
+
+def _pretrain_ratios(data: dict) -> list[tuple[str, str, float]]:
+    """(workload label, impl, impl / transformers) for each non-transformers row of a pretrain_throughput result."""
+    rows = {(r["config"], r["precision"], r["batch_size"], r["impl"]): r["sequences_per_second"]
+            for r in data["results"]}
+    found = []
+    for (config, precision, batch, impl), value in rows.items():
+        theirs = rows.get((config, precision, batch, "transformers"))
+        if impl != "transformers" and theirs:
+            found.append((f"{config} {precision}, batch {batch}", impl, value / theirs))
+    return found
+
+
 def ratios(results: Path) -> list[tuple[str, list[tuple[str, float]]]]:
     """(workload title, [(bar label, ours / transformers)]) for each workload found in ``results``."""
     workloads = []
     pretrain = []
     for name in ("pretrain_bs8.json", "pretrain_bs32.json"):
         data = _load(results / name)
-        if data is None:
-            continue
-        rows = {(r["config"], r["precision"], r["batch_size"], r["impl"]): r["sequences_per_second"]
-                for r in data["results"]}
-        for (config, precision, batch, impl), ours in rows.items():
-            theirs = rows.get((config, precision, batch, "transformers"))
-            if impl == "ours" and theirs:
-                pretrain.append((f"{config} {precision}, batch {batch}", ours / theirs))
+        if data is not None:
+            pretrain += [(label, ratio) for label, impl, ratio in _pretrain_ratios(data) if impl == "ours"]
     if pretrain:
         workloads.append(("Pre-training step throughput, sequences/s (pretrain_throughput.py)", pretrain))
+    loop = _load(results / "pretrain_bs32_train_loop.json")
+    if loop is not None:
+        workloads.append(("Shared training loop and bare step, sequences/s (pretrain_throughput.py)",
+                          [(f"{label}, {IMPL_LABELS.get(impl, impl)}", ratio)
+                           for label, impl, ratio in _pretrain_ratios(loop)]))
     squad = _load(results / "squad.json")
     if squad is not None:
         workloads.append(("SQuAD prediction throughput, sequences/s (squad_inference_throughput.py)", [
@@ -58,9 +72,19 @@ def ratios(results: Path) -> list[tuple[str, list[tuple[str, float]]]]:
             ("dev accuracy", mrpc["ours_mean_acc"] / mrpc["transformers_mean_acc"]),
             ("dev F1", mrpc["ours_mean_f1"] / mrpc["transformers_mean_f1"]),
             ("training speed", mrpc["speedup_vs_transformers"])]))
+    squad_acc = _load(results / "squad_accuracy.json")
+    if squad_acc is not None:
+        ours, theirs = squad_acc["ours"], squad_acc["transformers"]
+        workloads.append((f"SQuAD v2.0 fine-tuning, mean of {len(squad_acc['seeds'])} seeds (squad_accuracy.py)", [
+                              ("F1", ours["f1"]["mean"] / theirs["f1"]["mean"]),
+                              ("exact match", ours["exact"]["mean"] / theirs["exact"]["mean"]),
+                              ("training speed", ours["train_sequences_per_second"]["mean"]
+                               / theirs["train_sequences_per_second"]["mean"]),
+                              ("peak RSS (transformers / ours)", theirs["peak_rss_gib"]["mean"]
+                               / ours["peak_rss_gib"]["mean"])]))
     if not workloads:
         raise ValueError(f"{results}: no benchmark results with a transformers comparison "
-                         "(pretrain_bs*.json, squad.json, glue_mrpc.json)")
+                         "(pretrain_bs*.json, squad.json, glue_mrpc.json, squad_accuracy.json)")
     return workloads
 
 
@@ -82,7 +106,7 @@ def make_figure(workloads: list[tuple[str, list[tuple[str, float]]]]):
     top = max(value for _, bars in workloads for _, value in bars)
     for ax, (title, bars) in zip(axes[:, 0], workloads):
         labels, values = zip(*bars)
-        colors = ["C2" if v >= 1.0 else "C3" for v in values]
+        colors = ["C2" if round(v, 2) >= 1.0 else "C3" for v in values]
         ax.barh(range(len(values)), values, color=colors, height=0.6)
         ax.set_yticks(range(len(values)), labels=labels)
         ax.invert_yaxis()

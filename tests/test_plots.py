@@ -329,6 +329,17 @@ def test_benchmark_ratios_are_plotted_from_the_results(tmp_path):
     sq = next(v for k, v in bars.items() if k.startswith("SQuAD"))
     assert sq["vs transformers, padded to 384"] == pytest.approx(squad["speedup_vs_hf_padded"])
     assert all(math.isfinite(v) and v > 0 for v in pre.values())
+    loop = json.loads((results / "pretrain_bs32_train_loop.json").read_text())["results"]
+    speed = {r["impl"]: r["sequences_per_second"] for r in loop}
+    panel = next(v for k, v in bars.items() if k.startswith("Shared training loop"))
+    assert panel["base fp32, batch 32, utils.train_loop"] == pytest.approx(speed["ours"] / speed["transformers"])
+    assert panel["base fp32, batch 32, bare forward/backward/step"] == pytest.approx(
+        speed["ours-bare"] / speed["transformers"])
+    accuracy = json.loads((results / "squad_accuracy.json").read_text())
+    panel = next(v for k, v in bars.items() if k.startswith("SQuAD v2.0 fine-tuning"))
+    assert panel["F1"] == pytest.approx(accuracy["ours"]["f1"]["mean"] / accuracy["transformers"]["f1"]["mean"])
+    assert panel["peak RSS (transformers / ours)"] == pytest.approx(
+        accuracy["transformers"]["peak_rss_gib"]["mean"] / accuracy["ours"]["peak_rss_gib"]["mean"])
     out = tmp_path / "ratios.png"
     assert plot_results.main(["--results", str(results), "-o", str(out)]) == 0
     assert png_size(out) == plot_results.figure_size(workloads)
