@@ -5,7 +5,8 @@ import dataclasses
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,8 @@ class LinearActivation(nn.Linear):
 class BertEmbeddings(nn.Module):
     """Sum of word, position and token-type embeddings, then LayerNorm and dropout."""
 
+    recorder: EncoderStates | None = None  # set by `record_states` only
+
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
@@ -114,11 +117,16 @@ class BertEmbeddings(nn.Module):
             + self.position_embeddings(positions)
             + self.token_type_embeddings(token_type_ids)
         )
-        return self.dropout(self.LayerNorm(embeddings))
+        embeddings = self.dropout(self.LayerNorm(embeddings))
+        if self.recorder is not None:
+            self.recorder.embeddings = embeddings
+        return embeddings
 
 
 class BertSelfAttention(nn.Module):
     """Multi-head scaled dot-product attention over the whole sequence (no causal mask)."""
+
+    recorder: EncoderStates | None = None  # set by `record_states` only
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -145,9 +153,18 @@ class BertSelfAttention(nn.Module):
         value = split_heads(self.value(hidden_states))
         if attention_mask is not None:
             attention_mask = attention_mask.to(query.dtype)  # autocast may have lowered q/k/v's dtype
-        context = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=self.dropout_prob if self.training else 0.0
-        )  # [B, N, S, D]
+        if self.recorder is None:
+            context = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=self.dropout_prob if self.training else 0.0
+            )  # [B, N, S, D]
+        else:  # the same maths spelled out, to keep the scores that the fused kernel never materialises
+            scores = query @ key.transpose(-1, -2) / self.head_size**0.5  # [B, N, S, S]
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            probs = F.dropout(scores.softmax(dim=-1), self.dropout_prob, self.training)
+            context = probs @ value  # [B, N, S, D]
+            self.recorder.attention_scores.append(scores)
+            self.recorder.value_states.append(value)
         return context.transpose(1, 2).reshape(batch, seq_len, hidden)  # [B, S, H]
 
 
@@ -204,6 +221,8 @@ class BertOutput(_ResidualOutput):
 class BertLayer(nn.Module):
     """One transformer layer: attention block then feed-forward block, each post-LN."""
 
+    recorder: EncoderStates | None = None  # set by `record_states` only
+
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.attention = BertAttention(config)
@@ -212,7 +231,10 @@ class BertLayer(nn.Module):
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None) -> Tensor:
         attention_output = self.attention(hidden_states, attention_mask)
-        return self.output(self.intermediate(attention_output), attention_output)
+        layer_output = self.output(self.intermediate(attention_output), attention_output)
+        if self.recorder is not None:
+            self.recorder.hidden_states.append(layer_output)
+        return layer_output
 
 
 class BertEncoder(nn.Module):
@@ -789,6 +811,40 @@ class BertModel(BertPreTrainedModel):
         encoded_layers = self.encoder(embeddings, extended_mask, output_all_encoded_layers)
         pooled_output = self.pooler(encoded_layers[-1])
         return (encoded_layers if output_all_encoded_layers else encoded_layers[-1]), pooled_output
+
+
+@dataclass
+class EncoderStates:
+    """The intermediate tensors of one forward pass, for distillation (filled inside `record_states`).
+
+    B = batch, S = sequence, N = heads, D = head size, H = hidden size; one list entry per layer, in order.
+    """
+
+    embeddings: Tensor | None = None  # [B, S, H], the embedding block's output
+    hidden_states: list[Tensor] = field(default_factory=list)  # [B, S, H], each layer's output
+    attention_scores: list[Tensor] = field(default_factory=list)  # [B, N, S, S], before softmax, mask adder added
+    value_states: list[Tensor] = field(default_factory=list)  # [B, N, S, D], the attention values (MiniLM)
+
+
+@contextmanager
+def record_states(model: nn.Module) -> Iterator[EncoderStates]:
+    """Record every forward pass of `model` (any BERT class, wrapped or not) into the yielded `EncoderStates`.
+
+    Outside this context the model computes exactly as before (fused attention, nothing kept); inside it attention
+    is computed unfused so that its scores exist. State-dict names never change. Activation checkpointing would
+    record each layer twice (forward and recomputation), so it is refused.
+    """
+    modules = [m for m in model.modules() if isinstance(m, (BertEmbeddings, BertSelfAttention, BertLayer))]
+    if any(isinstance(m, BertEncoder) and m.checkpoint_activations and m.training for m in model.modules()):
+        raise ValueError("recording hidden states needs activation checkpointing off (layers would run twice)")
+    states = EncoderStates()
+    for module in modules:
+        module.recorder = states
+    try:
+        yield states
+    finally:
+        for module in modules:
+            del module.recorder  # back to the class default, None
 
 
 def _ignored(labels: Tensor) -> Tensor:
