@@ -114,7 +114,9 @@ def _ranks_from_env() -> tuple[int, int, int]:
         return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         env.setdefault("MASTER_ADDR", _slurm_master_addr())
-        env.setdefault("MASTER_PORT", "29500")
+        # One port per job, so that two jobs sharing a node do not meet at torch's default port 29500.
+        job = env.get("SLURM_JOB_ID", "")
+        env.setdefault("MASTER_PORT", str(20000 + int(job) % 20000) if job.isdigit() else "29500")
         return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
     return 0, int(env.get("LOCAL_RANK", 0)), 1
 
