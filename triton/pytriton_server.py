@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -232,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port on 127.0.0.1.")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="Seconds to wait for the models.")
     args = parser.parse_args(argv)
+    # SIGTERM (timeout, kill) ends the launcher through the `finally` that stops the server, not around it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     repository = Path(args.model_repository).resolve()
     if not repository.is_dir():
         print(f"pytriton_server.py: error: --model-repository {repository} does not exist", file=sys.stderr)
