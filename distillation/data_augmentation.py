@@ -111,7 +111,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_arguments(args: argparse.Namespace) -> None:
     """Normalise the task name, fill the reference's defaults and check the flags; raise ValueError naming a flag."""
-    task = args.task_name.lower()
+    given = args.task_name
+    task = given.lower()
     args.task_name = TASK_ALIASES.get(task, task)
     if args.task_name not in TASKS:
         raise ValueError(f"unknown --task_name {task!r}; valid: {', '.join(TASKS)} (or SQuADv1.1)")
@@ -136,7 +137,7 @@ def resolve_arguments(args: argparse.Namespace) -> None:
     else:
         if glue_dir is not None and not args.input_dir:
             # The reference's folder names are the task's own spelling (SST-2, CoLA): try that, then lower case.
-            spelled = glue_dir / task
+            spelled = glue_dir / given
             args.input_dir = str(spelled if spelled.is_dir() else glue_dir / args.task_name)
         if not args.input_dir:
             raise ValueError(f"--task_name {args.task_name} needs --input_dir (the task folder holding train.tsv)")
@@ -401,7 +402,6 @@ class Augmentor:
                 segment_ids[row, width + 2:len(tokens)] = 1
                 attention[row, :len(tokens)] = 1
             positions = torch.tensor([inputs[q][2] for q in batch], device=self.device)
-            originals = torch.tensor([inputs[q][3] for q in batch], device=self.device)
             rows = torch.arange(len(batch), device=self.device)
             with torch.inference_mode(), utils.autocast(self.precision, self.device):
                 hidden, _ = self.model.bert(input_ids.to(self.device), segment_ids.to(self.device),
@@ -409,8 +409,7 @@ class Augmentor:
                 # The vocabulary projection only at the masked position: [B, H] -> [B, V].
                 logits = self.model.cls["predictions"](hidden[rows, positions]).float()
                 logits.masked_fill_(self.invalid, -float("inf"))
-                logits[rows, originals] = -float("inf")
-                top = logits.topk(min(self.m + 4, logits.shape[1]), dim=1)
+                top = logits.topk(min(self.m + 4, logits.shape[1]), dim=1)  # room for the word itself, any case
             for row, (values, indices) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
                 original = ids_to_tokens.get(inputs[batch[row]][3], "").lower()
                 found = [ids_to_tokens[i] for v, i in zip(values, indices)
