@@ -1,14 +1,17 @@
 """run.sub on a real SLURM: a one-node cluster (munged, slurmctld and slurmd from Debian's munge and slurm-wlm,
 no cgroups) started here once for the module, then CPU jobs of the tiny config with 2 tasks over gloo: phase 1,
 SIGTERM and requeue, phase 2 after a job dependency, and 2 SLURM tasks == 1 task with twice the batch.
+.ci/run installs the packages; without them (or without root) those tests are skipped with the reason.
 
-.ci/run installs the packages; without them (or without root) the module is skipped with the reason.
+The multi-node paths a one-node CPU cluster cannot run (pyxis containers, MPI preprocessing, 64 nodes of
+configurations.yml) are checked as dry runs: run.sub with a stand-in srun that records its calls.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -21,7 +24,10 @@ import pytest
 import torch
 from conftest import REPO
 
+import run_pretraining
+from data import preprocess_pretraining
 from file_utils import load_checkpoint
+from scripts import configurations
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "scancel", "sinfo")
@@ -270,3 +276,129 @@ def test_two_slurm_tasks_equal_one_task_with_twice_the_batch(cluster, tmp_path):
         weights[tasks] = torch.load(f"{out}.0", weights_only=True)
     for key, tensor in weights[1].items():
         torch.testing.assert_close(weights[2][key], tensor, rtol=0, atol=1e-5, msg=key)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dry runs: run.sub with a stand-in srun (no cluster needed)
+# ----------------------------------------------------------------------------------------------------------------
+
+FAKE_SRUN = """#!/bin/bash
+if [ "$1" = --help ]; then [ -z "${FAKE_PYXIS:-}" ] || echo "  --container-image=[USER@][REGISTRY#]IMAGE[:TAG]|PATH"
+  exit 0; fi
+printf '%q ' "$@" >> "$SRUN_LOG"; echo >> "$SRUN_LOG"
+"""
+
+
+def _dry_run(tmp_path: Path, line: str, pyxis: bool = False, **env: str) -> tuple[subprocess.CompletedProcess,
+                                                                                   list[list[str]]]:
+    """Run run.sub as the sbatch ``line`` would start it (its VAR=value words in the environment, -N, tasks per
+    node and dependency in SLURM's variables); returns the result and the srun calls, each split into words."""
+    words = shlex.split(line)
+    at = words.index("sbatch")
+    variables = dict(word.split("=", 1) for word in words[:at])
+    for word in words[at + 1:-1]:
+        if word.startswith("-N"):
+            variables["SLURM_JOB_NUM_NODES"] = word[2:]
+        elif word.startswith("--ntasks-per-node="):
+            variables["SLURM_NTASKS_PER_NODE"] = word.split("=")[1]
+        elif word.startswith("--dependency="):
+            variables["SLURM_JOB_DEPENDENCY"] = word.split("=")[1]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    log = tmp_path / "srun.log"
+    log.write_text("")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    run_env = {**base, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SRUN_LOG": str(log), "SLURM_JOB_ID": "77",
+               "SLURM_SUBMIT_DIR": str(REPO), "DATASETS": str(tmp_path / "datasets"),
+               "RESULTS_ROOT": str(tmp_path / "results"), **({"FAKE_PYXIS": "1"} if pyxis else {}), **variables, **env}
+    done = subprocess.run(["bash", str(REPO / "run.sub")], cwd=REPO, env=run_env, capture_output=True, text=True,
+                          timeout=60)
+    return done, [shlex.split(call) for call in log.read_text().splitlines()]
+
+
+def _after(words: list[str], marker: str) -> list[str]:
+    return words[words.index(marker) + 1:]
+
+
+@pytest.fixture
+def phase1_checkpoint(tmp_path) -> Path:
+    """What a finished phase 1 job 76 leaves, and the shards a job with RERUN_DASK=false reads."""
+    ckpt = tmp_path / "results" / "76" / "ckpt_7038.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"stand-in")
+    for phase in ("phase1", "phase2"):
+        shards = tmp_path / "datasets" / "pretrain" / phase / "bin_size_64" / "parquet"
+        shards.mkdir(parents=True)
+        (shards / "shard-0.parquet").write_bytes(b"stand-in")
+    return ckpt
+
+
+def test_every_configurations_job_reaches_run_pretraining_as_valid_flags(tmp_path, phase1_checkpoint):
+    for name, job in configurations.load(REPO / "configurations.yml").items():
+        line = configurations.sbatch_line(job, after="76" if job.variables["PHASE"] == "2" else None)
+        done, calls = _dry_run(tmp_path, line, RERUN_DASK="false")
+        assert done.returncode == 0 and len(calls) == 1, (name, done.stderr)
+        assert calls[0][:1] == [f"--ntasks-per-node={job.gpus_per_node}"], calls[0]
+        assert _after(calls[0], "--")[:2] == ["python3", "-u"] and "--cpu=exclusive" in calls[0]
+        args = run_pretraining.parse_arguments(_after(calls[0], str(REPO / "run_pretraining.py")))
+        run_pretraining.check_arguments(args, job.world_size)
+        assert (args.train_batch_size, args.gradient_accumulation_steps, args.learning_rate) == (
+            int(job.variables["BATCHSIZE"]), int(job.variables["GRADIENT_STEPS"]), float(job.variables["LR"]))
+        assert args.fp16 == (job.variables.get("PRECISION", "fp16") == "fp16") and args.resume_from_checkpoint
+        assert args.input_dir.endswith(f"pretrain/phase{job.variables['PHASE']}/bin_size_64/parquet")
+        if job.variables["PHASE"] == "2":
+            assert args.phase2 and args.init_checkpoint == str(phase1_checkpoint) and args.max_seq_length == 512
+        else:
+            assert not args.phase2 and args.init_checkpoint is None and args.max_seq_length == 128
+
+
+def test_with_pyxis_every_step_runs_in_the_image_and_preprocessing_runs_under_mpi(tmp_path, phase1_checkpoint):
+    results = tmp_path / "results" / "77"
+    done, calls = _dry_run(tmp_path, "PHASE=2 sbatch -N2 --ntasks-per-node=8 --dependency=afterok:76 run.sub",
+                           pyxis=True)
+    assert done.returncode == 0, done.stderr
+    prep, balance, train = calls
+    mounts = (f"--container-mounts={tmp_path}/datasets:/datasets,{results}:/results,"
+              f"{phase1_checkpoint.parent}:/checkpoints")
+    for call in calls:
+        assert "--container-image=bert:24.12-py3" in call and mounts in call, call
+    sink = "/results/shards/phase2/bin_size_64/parquet"
+    assert prep[:3] == ["--mpi=pmix", "--ntasks-per-node=128",
+                        f"--export=ALL,LD_PRELOAD=/usr/lib/{os.uname().machine}-linux-gnu/libjemalloc.so.2"]
+    prep_args = preprocess_pretraining.parse_args(_after(prep, "data.preprocess_pretraining"))
+    assert (prep_args.sink, prep_args.wikipedia, prep_args.schedule, prep_args.num_blocks, prep_args.bin_size,
+            prep_args.target_seq_length, prep_args.masking, prep_args.balance) == (
+        sink, "/datasets/wikipedia/source", "mpi", 4096, 64, 512, True, False)
+    assert _after(balance, "data.balance_shards") == ["--indir", sink, "--num-shards", "4096"]
+    args = run_pretraining.parse_arguments(_after(train, "/workspace/bert/run_pretraining.py"))
+    assert (args.input_dir, args.output_dir, args.init_checkpoint, args.config_file) == (
+        sink, "/results", "/checkpoints/ckpt_7038.pt", "/workspace/bert/bert_configs/large.json")
+    assert "/workspace/bert/bind.sh" in train and args.phase2 and args.phase1_end_step == 7038
+    assert (results / "init_checkpoint.txt").read_text().strip() == str(phase1_checkpoint)
+
+    # Requeued: the dependency is gone and the shards are done; the checkpoint chosen at the first start is used.
+    (results / "shards" / "phase2" / "bin_size_64" / "parquet" / ".num_samples.json").write_text("{}")
+    done, calls = _dry_run(tmp_path, "PHASE=2 sbatch -N2 --ntasks-per-node=8 run.sub", CONT="none")
+    assert done.returncode == 0 and len(calls) == 1, done.stderr
+    assert f"--init_checkpoint={phase1_checkpoint}" in calls[0]
+    (results / "ckpt_7100.pt").write_bytes(b"stand-in")  # once it has its own checkpoints, it resumes from those
+    done, calls = _dry_run(tmp_path, "PHASE=2 sbatch -N2 --ntasks-per-node=8 run.sub", CONT="none")
+    assert "resuming from the newest checkpoint" in done.stdout
+    assert not [word for word in calls[0] if word.startswith("--init_checkpoint")]
+
+
+@pytest.mark.parametrize("variables, message", [
+    ("PHASE=3", "PHASE must be 1 or 2, got '3'"),
+    ("PRECISION=fp8", "PRECISION must be fp16, bf16, tf32 or fp32, got 'fp8'"),
+    ("BIN_SIZE=100", "BIN_SIZE must be none, 32, 64, 128, 256 or 512, got '100'"),
+    ("CONFIG=huge", "CONFIG=huge: no"),
+    ("PHASE=2", "PHASE=2 needs INIT_CHECKPOINT=<phase 1 checkpoint> or sbatch --dependency=afterok:<phase 1 job>"),
+    ("PHASE=2 INIT_CHECKPOINT=/nowhere/ckpt_1.pt", "INIT_CHECKPOINT /nowhere/ckpt_1.pt does not exist"),
+])
+def test_bad_variables_stop_the_job_before_any_step_with_one_line(tmp_path, variables, message):
+    done, calls = _dry_run(tmp_path, f"{variables} sbatch -N1 --ntasks-per-node=8 run.sub")
+    assert done.returncode == 1 and calls == []
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"run.sub: {message}"), lines
