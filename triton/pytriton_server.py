@@ -140,6 +140,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the server's process before exec: have Linux send it SIGTERM when the process that started it dies, so a
+    killed test run or launcher leaves no server behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class Server:
     """A running tritonserver process and where to reach it."""
@@ -194,7 +205,7 @@ def start_server(model_repository: Path, venv: Path, work_dir: Path, http_port: 
     log_file = work_dir / "tritonserver.log"
     with open(log_file, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_env(venv),
-                                   cwd=work_dir, start_new_session=True)
+                                   cwd=work_dir, start_new_session=True, preexec_fn=_die_with_parent)
     server = Server(process, http_port, grpc_port, log_file)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
