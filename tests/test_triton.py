@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -265,6 +266,11 @@ def server(qa_run, tmp_path_factory):
     assert deploy.main(["--model-repository", str(repository), "--model-name", "bert", "--model-path",
                         str(onnx_path), "--backend", "python", "--instance-kind", "KIND_CPU", "--max-batch-size",
                         "16", "--preferred-batch-sizes", "8", "16", "--max-queue-delay-us", "1000"]) == 0
+    # A second model whose config declares int64 token ids: the client must refuse it by name and dtype.
+    shutil.copytree(repository / "bert", repository / "bert_int64")
+    config = (repository / "bert" / "config.pbtxt").read_text().replace('name: "bert"', 'name: "bert_int64"')
+    (repository / "bert_int64" / "config.pbtxt").write_text(config.replace(
+        'name: "input__0"\n  data_type: TYPE_INT32', 'name: "input__0"\n  data_type: TYPE_INT64'))
     try:
         venv = pytriton_server.ensure_venv(log=folder / "venv.log")
         running = pytriton_server.start_server(repository, venv, folder / "work", ready_timeout=180)
@@ -328,6 +334,9 @@ def test_client_one_question_and_errors(server, tmp_path, capsys):
     code, _, err = client(["--server-url", f"grpc://{server.grpc_url}", *base, "--question", "q", "--context", "c",
                            "--batch-size", "32"], capsys)
     assert code == 1 and "max_batch_size 16" in err
+    code, _, err = client(["--server-url", f"http://{server.http_url}", *base, "--question", "q", "--context", "c",
+                           "--model-name", "bert_int64"], capsys)
+    assert code == 1 and "input__0: INT64 (the client sends INT32)" in err
     code, _, err = client(["--server-url", f"grpc://{server.grpc_url}", *base, "--predict-file",
                            str(SAMPLE / "dev-v2.0.json")], capsys)
     assert code == 1 and "--output-dir" in err

@@ -86,9 +86,11 @@ def server_stats(served: client.TritonModel) -> dict[str, tuple[int, int]]:
             for phase in ("queue", "compute_input", "compute_infer", "compute_output")}
 
 
-def builtin_point(args: argparse.Namespace, protocol: str, url: str, batches: list[dict[str, np.ndarray]],
-                  batch_size: int, concurrency: int) -> dict[str, Any]:
-    """One (batch size, concurrency) point measured by client threads; latencies in microseconds."""
+def builtin_load(args: argparse.Namespace, protocol: str, url: str, batches: list[dict[str, np.ndarray]],
+                 concurrency: int) -> tuple[np.ndarray, dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+    """Load from ``concurrency`` client threads sending batches back to back: after ``args.warmup`` seconds, the
+    latencies (microseconds) of the requests started in the next ``args.measurement_interval`` ms, and the server's
+    statistics before and after."""
     stop_warmup = time.perf_counter() + args.warmup
     stop = stop_warmup + args.measurement_interval / 1000
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
@@ -127,9 +129,16 @@ def builtin_point(args: argparse.Namespace, protocol: str, url: str, batches: li
     after = server_stats(stats_client)
     if errors:
         raise errors[0]
-    values = np.concatenate([np.asarray(x) for x in latencies]) if any(latencies) else np.zeros(0)
+    values = np.concatenate([np.asarray(x) for x in latencies])
     if len(values) == 0:
         raise client.TritonError(f"no request finished within --measurement-interval {args.measurement_interval} ms")
+    return values, before, after
+
+
+def builtin_point(args: argparse.Namespace, protocol: str, url: str, batches: list[dict[str, np.ndarray]],
+                  batch_size: int, concurrency: int) -> dict[str, Any]:
+    """One (batch size, concurrency) point measured by ``builtin_load``; latencies in microseconds."""
+    values, before, after = builtin_load(args, protocol, url, batches, concurrency)
     elapsed = args.measurement_interval / 1000
     requests = after["compute_infer"][0] - before["compute_infer"][0]
 
