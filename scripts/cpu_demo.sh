@@ -49,19 +49,20 @@ if [ "$pretrained" = true ]; then
       exit 1; }
   fi
   # No checkpoint argument: the config functions fine-tune the all-MiniLM-L6-v2 encoder.
-  squad_args=$(source scripts/configs/squad_config.sh && cpu_demo)
-  glue_args=$(source scripts/configs/glue_config.sh && cpu_demo)
+  read -ra squad_args <<< "$(source scripts/configs/squad_config.sh && cpu_demo)"
+  read -ra glue_args <<< "$(source scripts/configs/glue_config.sh && cpu_demo)"
 else
-  bash scripts/run_pretraining.sh $(source scripts/configs/pretrain_config.sh && cpu_demo)
+  read -ra pretrain_args <<< "$(source scripts/configs/pretrain_config.sh && cpu_demo)"
+  bash scripts/run_pretraining.sh "${pretrain_args[@]}"
   # The newest checkpoint by step number (phase 2's, ckpt_<phase1_end_step + step>.pt).
   last=$(for f in "$RESULTS_DIR"/checkpoints/ckpt_*.pt; do n=${f##*/ckpt_}; echo "${n%.pt}"; done | sort -n | tail -n 1)
   ckpt=$RESULTS_DIR/checkpoints/ckpt_$last.pt
   echo "Pre-trained checkpoint: $ckpt"
-  squad_args=$(source scripts/configs/squad_config.sh && cpu_demo "$ckpt")
-  glue_args=$(source scripts/configs/glue_config.sh && cpu_demo "$ckpt")
+  read -ra squad_args <<< "$(source scripts/configs/squad_config.sh && cpu_demo "$ckpt")"
+  read -ra glue_args <<< "$(source scripts/configs/glue_config.sh && cpu_demo "$ckpt")"
 fi
-bash scripts/run_squad.sh $squad_args
-bash scripts/run_glue.sh $glue_args
+bash scripts/run_squad.sh "${squad_args[@]}"
+bash scripts/run_glue.sh "${glue_args[@]}"
 
 question="What do antibiotics kill?"
 context="Antibiotics are medicines that kill bacteria or stop them from growing. They do not work against viruses."

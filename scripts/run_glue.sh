@@ -10,6 +10,7 @@
 # prediction run on one rank). Output and errors are also written to <out_dir>/logfile.
 set -euo pipefail
 
+# shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 default_gpus=$(count_gpus)
 CODEDIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -55,6 +56,6 @@ CMD=("${LAUNCH[@]}" "$CODEDIR/run_glue.py"
   --num_train_epochs "$epochs" --max_steps "$max_steps" --seed "$seed"
   --do_lower_case --bert_model bert-large-uncased --max_seq_length 128
   --json-summary "$out_dir/dllogger.json" --disable_progress_bar
-  "${MODE[@]}" $PREC $DEVICE)
+  "${MODE[@]}" "${PREC[@]}" "${DEVICE[@]}")
 echo "${CMD[*]}" | tee "$out_dir/logfile"
 "${CMD[@]}" 2>&1 | tee -a "$out_dir/logfile"

@@ -10,6 +10,7 @@
 #        bash scripts/run_pretraining.sh $(source scripts/configs/pretrain_config.sh && cpu_demo)
 set -euo pipefail
 
+# shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 default_gpus=$(count_gpus)
 CODEDIR_DEFAULT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -64,17 +65,17 @@ cd "$CODEDIR"
 mkdir -p "$CHECKPOINTS_DIR"
 
 setup_device run_pretraining.sh "$precision" "$num_gpus"
-[ "$procs" -eq 1 ] && [ -n "$DEVICE" ] && echo "No GPU found: running on the CPU in one process."
-ACCUMULATE=""; ACCUMULATE2=""
+[ "$procs" -eq 1 ] && [ "${#DEVICE[@]}" -gt 0 ] && echo "No GPU found: running on the CPU in one process."
+ACCUMULATE=(); ACCUMULATE2=()
 if [ "$accumulate_gradients" = "true" ]; then
-  ACCUMULATE="--gradient_accumulation_steps=$gradient_accumulation_steps"
-  ACCUMULATE2="--gradient_accumulation_steps=$gradient_accumulation_steps_phase2"
+  ACCUMULATE=(--gradient_accumulation_steps="$gradient_accumulation_steps")
+  ACCUMULATE2=(--gradient_accumulation_steps="$gradient_accumulation_steps_phase2")
 fi
-ALL_REDUCE=""
-[ "$allreduce_post_accumulation" = "true" ] && ALL_REDUCE="--allreduce_post_accumulation"
-[ "$allreduce_post_accumulation_fp16" = "true" ] && ALL_REDUCE="$ALL_REDUCE --allreduce_post_accumulation_fp16"
-RESUME=""; [ "$resume_training" = "true" ] && RESUME="--resume_from_checkpoint"
-INIT=""; [ "$init_checkpoint" != "None" ] && INIT="--init_checkpoint=$init_checkpoint"
+ALL_REDUCE=()
+[ "$allreduce_post_accumulation" = "true" ] && ALL_REDUCE=(--allreduce_post_accumulation)
+[ "$allreduce_post_accumulation_fp16" = "true" ] && ALL_REDUCE+=(--allreduce_post_accumulation_fp16)
+RESUME=(); [ "$resume_training" = "true" ] && RESUME=(--resume_from_checkpoint)
+INIT=(); [ "$init_checkpoint" != "None" ] && INIT=(--init_checkpoint="$init_checkpoint")
 num_blocks=$((num_shards_per_worker * (num_workers > 1 ? num_workers : 1) * num_nodes * (procs > 1 ? procs : 1)))
 
 set_launcher
@@ -108,7 +109,8 @@ run_phase phase1 --input_dir="$DATA_DIR_PHASE1" --output_dir="$CHECKPOINTS_DIR" 
   --max_predictions_per_seq=20 --max_steps="$train_steps" --warmup_proportion="$warmup_proportion" \
   --num_steps_per_checkpoint="$save_checkpoint_steps" --keep_checkpoints="$KEEP_CHECKPOINTS" \
   --learning_rate="$learning_rate" --seed="$seed" --json-summary "$RESULTS_DIR/dllogger.json" \
-  --disable_progress_bar --num_workers="$num_workers" --do_train $PREC $DEVICE $ACCUMULATE $ALL_REDUCE $RESUME $INIT
+  --disable_progress_bar --num_workers="$num_workers" --do_train "${PREC[@]}" "${DEVICE[@]}" "${ACCUMULATE[@]}" \
+  "${ALL_REDUCE[@]}" "${RESUME[@]}" "${INIT[@]}"
 echo "finished pretraining"
 
 prepare_shards "$DATA_DIR_PHASE2" 512 "$phase2_bin_size"
@@ -117,5 +119,6 @@ run_phase phase2 --input_dir="$DATA_DIR_PHASE2" --output_dir="$CHECKPOINTS_DIR" 
   --max_predictions_per_seq=80 --max_steps="$train_steps_phase2" --warmup_proportion="$warmup_proportion_phase2" \
   --num_steps_per_checkpoint="$save_checkpoint_steps" --keep_checkpoints="$KEEP_CHECKPOINTS" \
   --learning_rate="$learning_rate_phase2" --seed="$seed" --json-summary "$RESULTS_DIR/dllogger.json" \
-  --disable_progress_bar --num_workers="$num_workers" --do_train --phase2 --resume_from_checkpoint --phase1_end_step="$train_steps" $PREC $DEVICE $ACCUMULATE2 $ALL_REDUCE
+  --disable_progress_bar --num_workers="$num_workers" --do_train --phase2 --resume_from_checkpoint \
+  --phase1_end_step="$train_steps" "${PREC[@]}" "${DEVICE[@]}" "${ACCUMULATE2[@]}" "${ALL_REDUCE[@]}"
 echo "finished phase2"

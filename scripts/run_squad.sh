@@ -12,6 +12,7 @@
 # process). Output is also written to OUT_DIR/logfile.txt.
 set -euo pipefail
 
+# shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 default_gpus=$(count_gpus)
 CODEDIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -63,6 +64,6 @@ CMD=("${LAUNCH[@]}" "$CODEDIR/run_squad.py"
   --config_file "$CONFIG_FILE" --vocab_file "$vocab_file" --output_dir "$OUT_DIR"
   --do_lower_case --bert_model bert-large-uncased --max_seq_length 384 --doc_stride 128
   --json-summary "$OUT_DIR/dllogger.json" --disable-progress-bar
-  "${MODE[@]}" "${VERSION_FLAGS[@]}" $PREC $DEVICE)
+  "${MODE[@]}" "${VERSION_FLAGS[@]}" "${PREC[@]}" "${DEVICE[@]}")
 echo "${CMD[*]}" | tee "$OUT_DIR/logfile.txt"
 "${CMD[@]}" 2>&1 | tee -a "$OUT_DIR/logfile.txt"

@@ -11,6 +11,7 @@
 # CONFIG_FILE (default vocab/vocab and bert_configs/large.json), PYTHON. Output is also written to OUT_DIR/logfile.
 set -euo pipefail
 
+# shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 default_gpus=$(count_gpus)
 CODEDIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -50,6 +51,6 @@ CMD=("${LAUNCH[@]}" "$CODEDIR/run_swag.py"
   --num_train_epochs "$epochs" --max_steps "$max_steps"
   --do_lower_case --bert_model bert-large-uncased --max_seq_length 128
   --json-summary "$OUT_DIR/dllogger.json" --disable_progress_bar
-  "${MODE[@]}" $PREC $DEVICE)
+  "${MODE[@]}" "${PREC[@]}" "${DEVICE[@]}")
 echo "${CMD[*]}" | tee "$OUT_DIR/logfile"
 "${CMD[@]}" 2>&1 | tee -a "$OUT_DIR/logfile"
