@@ -546,6 +546,11 @@ def augment_squad(input_file: PathLike, output_file: PathLike, augmentor: Augmen
 # Model and entry point
 
 
+def vocab_is_uncased(vocab_file: PathLike) -> bool:
+    """Whether a vocabulary is an uncased model's: no upper-case letter outside its ``[SPECIAL]`` tokens."""
+    return not any(re.search("[A-Z]", t) and not re.fullmatch(r"\[.*\]", t) for t in load_vocab(vocab_file))
+
+
 def load_masked_lm(args: argparse.Namespace) -> tuple[BertForMaskedLM, BertTokenizer]:
     """The masked LM and its tokenizer; refuses a model without a trained MLM head or whose vocabulary differs."""
     path = Path(args.pretrained_bert_model)
@@ -563,9 +568,7 @@ def load_masked_lm(args: argparse.Namespace) -> tuple[BertForMaskedLM, BertToken
                          "augmentation needs a pre-trained BertForPreTraining/BertForMaskedLM, not an encoder-only or "
                          "fine-tuned model")
     lower = args.do_lower_case
-    if lower is None:  # an uncased vocabulary has no upper case outside its [SPECIAL] tokens
-        lower = not any(re.search("[A-Z]", t) and not re.fullmatch(r"\[.*\]", t) for t in load_vocab(vocab_file))
-    tokenizer = BertTokenizer(vocab_file, do_lower_case=lower)
+    tokenizer = BertTokenizer(vocab_file, do_lower_case=vocab_is_uncased(vocab_file) if lower is None else lower)
     missing_tokens = [t for t in ("[CLS]", "[SEP]", "[MASK]") if t not in tokenizer.vocab]
     if missing_tokens:
         raise ValueError(f"--vocab_file {vocab_file} lacks {', '.join(missing_tokens)}")
@@ -579,7 +582,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.time()
     resolve_arguments(args)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.no_cuda else "cpu")
-    precision = utils.resolve_precision(args.amp, False, device)
+    if args.amp and device.type != "cuda":
+        raise ValueError("--amp (fp16 autocast) needs a CUDA device; drop it on the CPU")
+    precision: utils.Precision = "fp16" if args.amp else "fp32"
     glove = GloveNeighbours.load(args.glove_embs, args.glove_vocab_size) if args.glove_embs else None
     if args.task_name == SQUAD_TASK:
         load_squad_json(args.input_file)  # a bad input file fails before the model loads

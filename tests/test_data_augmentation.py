@@ -162,6 +162,8 @@ def test_words_of_several_pieces_take_their_glove_neighbours(mlm, tmp_path):
     neighbours = aug.GloveNeighbours.load(glove).neighbours(["secretions", "Gags", "labored"], 3)
     assert neighbours == {"secretions": ["fluids", "liquids", "juices"], "Gags": ["quips", "jokes", "juices"],
                           "labored": []}
+    assert aug.GloveNeighbours.load(glove, max_words=5).neighbours(["secretions"], 3) == {
+        "secretions": ["fluids", "liquids"]}  # --glove_vocab_size 5 reads secretions ... liquids
     text = "Secretions and gags , labored"
     task = write_task(tmp_path / "SST-2", ["sentence\tlabel", f"{text}\t0"])
     rows = run_glue(mlm, "sst-2", task, "--N", "40", "--p", "1", "--M", "2", "--glove_embs", str(glove))
@@ -179,6 +181,12 @@ def test_word_spans_skip_stop_words_answers_and_parts_of_longer_words():
     assert [text[s:e] for s, e in spans] == ["sat", "dog", "list", "E"]
     assert aug.match_case("ocean", "River") == "Ocean" and aug.match_case("ocean", "NASA") == "OCEAN"
     assert aug.shift_offset(10, [(0, 3, "tree"), (5, 8, "a"), (12, 14, "xyz")]) == 10 + 1 - 2
+
+
+def test_lower_case_follows_the_vocabulary(tmp_path):
+    cased = tmp_path / "cased.txt"
+    cased.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nThe\nthe\n", encoding="utf-8")
+    assert aug.vocab_is_uncased(VOCAB) and not aug.vocab_is_uncased(cased)
 
 
 def squad_answers_in_place(dataset: dict) -> int:
@@ -277,6 +285,8 @@ def test_errors_name_the_flag_or_file_and_write_nothing(mlm, tiny_encoder, tmp_p
     fails(["--pretrained_bert_model", str(encoder), *base[2:], "--vocab_file", str(VOCAB), "--config_file",
            str(config)], "no masked-LM head", "cls.predictions.bias")
     fails([*base, "--p", "1.5"], "--p")
+    fails([*base, "--max_seq_length", "200"], "--max_seq_length 200", "max_position_embeddings 160")
+    fails([*base, "--amp", "--no_cuda"], "--amp", "CUDA")
     fails(["--pretrained_bert_model", str(mlm), "--task_name", "squad", "--input_file", str(SQUAD)], "--output_file")
     bad = tmp_path / "bad.json"
     bad.write_text('{"data": [{"paragraphs": [{"context": "abc", "qas": [{"id": "1", "question": "q", '
