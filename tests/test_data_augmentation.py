@@ -122,6 +122,14 @@ def test_reference_command_line_with_glue_dir_and_per_task_n(mlm, tmp_path):
                      "--task_name", "SST-2"]) == 0
     rows = (tmp_path / "glue" / "SST-2" / "train_aug.tsv").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 1 + 3 * (1 + 20)  # the reference's N for SST-2 is 20
+    squad_dir = tmp_path / "squad" / "v1.1"
+    squad_dir.mkdir(parents=True)
+    (squad_dir / "train-v1.1.json").write_bytes(SQUAD.read_bytes())
+    assert aug.main(["--pretrained_bert_model", str(mlm), "--glue_dir", str(squad_dir), "--task_name", "SQuADv1.1",
+                     "--seed=1", "--N", "1"]) == 0
+    questions = [qa for pg in json.loads((squad_dir / "train-v1.1_aug.json").read_text())["data"][0]["paragraphs"]
+                 for qa in pg["qas"]]
+    assert len(questions) == 2 * 89
 
 
 def test_same_seed_same_output_other_seed_other_output(mlm, tmp_path):
