@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, shared_path
 
 from distillation import data_augmentation as aug
 from modeling import BertConfig, BertForPreTraining
@@ -233,6 +233,18 @@ def test_squad_context_copies_keep_every_answer_at_its_offset(mlm, tmp_path):
                          for a, b in zip(qa["answers"], qb["answers"]))
     assert squad_answers_in_place(result) == 4 * squad_answers_in_place(source) > 300
     assert moved > 50  # the offsets really moved: words of other lengths were put before the answers
+
+
+def test_squad_answers_in_place_on_real_dev_paragraphs(mlm, tmp_path):
+    """SQuAD v2.0 dev paragraphs: up to five answers per question, plausible answers, non-ASCII text."""
+    dataset = json.loads(shared_path("squad2", "haystack_small", "small.json").read_text(encoding="utf-8"))
+    dataset["data"] = [{**dataset["data"][0], "paragraphs": dataset["data"][0]["paragraphs"][:20]}]
+    source, out = tmp_path / "dev.json", tmp_path / "aug.json"
+    source.write_text(json.dumps(dataset), encoding="utf-8")
+    assert aug.main(["--pretrained_bert_model", str(mlm), "--task_name", "squad", "--input_file", str(source),
+                     "--output_file", str(out), "--N", "2", "--p", "0.6"]) == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert squad_answers_in_place(result) == 3 * squad_answers_in_place(dataset) > 500
 
 
 def test_squad_question_copies(mlm, tmp_path):
