@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import REPO, shared_path
 
+from data.glue import get_processor
 from distillation import data_augmentation as aug
 from modeling import BertConfig, BertForPreTraining
 
@@ -102,6 +103,13 @@ def test_pair_task_changes_both_sentences_and_no_other_column(mlm, tmp_path):
         assert group[0] == row
         for copy in group[1:]:
             assert copy[:3] == row[:3] and copy[3] != row[3] and copy[4] != row[4]
+    # run_glue.py's reader takes the file as a training set: every copy an example with its original's label.
+    reread = tmp_path / "reread"
+    reread.mkdir()
+    (reread / "train.tsv").write_bytes((tmp_path / "MRPC" / "train_aug.tsv").read_bytes())
+    examples = get_processor("mrpc").get_train_examples(reread)
+    assert [e.label for e in examples] == ["1"] * 3 + ["0"] * 3
+    assert [(e.text_a, e.text_b) for e in examples] == [(r[3], r[4]) for r in rows[1:]]
 
 
 def test_cola_without_header_is_read_by_position(mlm, tmp_path):
