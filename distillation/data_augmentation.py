@@ -276,20 +276,20 @@ class GloveNeighbours:
 
     def neighbours(self, words: Sequence[str], m: int) -> dict[str, list[str]]:
         """The ``m`` nearest letters-only words to each of ``words`` (itself excluded, any case), best first; [] for
-        a word GloVe lacks (looked up as written, then lower-cased). One matrix product for all uncached words."""
+        a word GloVe lacks (looked up as written, then lower-cased). Uncached words go by matrix products."""
         todo = sorted({w for w in words if w not in self._cache})
         known = [(w, self.index.get(w, self.index.get(w.lower()))) for w in todo]
         for word, i in known:
             if i is None:
                 self._cache[word] = []
         known = [(w, i) for w, i in known if i is not None]
-        if known:
-            rows = torch.tensor([i for _, i in known])
+        for group in _chunks(known, 256):  # [256, W] similarities at a time: 100 MB for 100000 GloVe words
+            rows = torch.tensor([i for _, i in group])
             similarity = self.vectors[rows] @ self.vectors.T  # [Q, W]
-            similarity[torch.arange(len(known)), rows] = -float("inf")
+            similarity[torch.arange(len(group)), rows] = -float("inf")
             # Some of the nearest are numbers, punctuation or the word in another case: look a little further.
             top = similarity.topk(min(4 * m + 8, len(self.words)), dim=1).indices.tolist()
-            for (word, _), order in zip(known, top):
+            for (word, _), order in zip(group, top):
                 found = [self.words[j] for j in order
                          if WORD.fullmatch(self.words[j]) and self.words[j].lower() != word.lower()]
                 self._cache[word] = found[:m]
