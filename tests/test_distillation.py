@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import run_glue
+from distillation import general_distill, task_distill
 from distillation.losses import (
     BackboneLoss,
     DistillConfig,
@@ -201,11 +201,13 @@ def test_record_states_refuses_activation_checkpointing():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_script(script: str, *argv: str) -> subprocess.CompletedProcess:
-    """Run distillation/<script> with the flags given, quietly and in-process data loading."""
+def run_script(capsys: pytest.CaptureFixture, script: str, *argv: str) -> tuple[int, str]:
+    """Run distillation/<script>'s main() in this process (quiet, in-process data loading): (exit status, stderr)."""
+    module = {"general_distill.py": general_distill, "task_distill.py": task_distill}[script]
     quiet = ["--disable_progress_bar"] + (["--num_workers", "0"] if script == "general_distill.py" else [])
-    return subprocess.run([sys.executable, str(REPO / "distillation" / script), *argv, *quiet], cwd=REPO,
-                          capture_output=True, text=True)
+    capsys.readouterr()
+    status = module.main([*argv, *quiet])
+    return status, capsys.readouterr().err
 
 
 def save_model(model_class: type, config: BertConfig, folder: Path, seed: int, **kwargs) -> Path:
@@ -240,40 +242,38 @@ def general_argv(shards: Path, models: dict[str, Path], out: Path, *extra: str) 
             "--seed", "3", *extra]
 
 
-def test_bad_input_is_one_clear_error_before_training(tmp_path, models, pretraining_shards):
+def test_bad_input_is_one_clear_error_before_training(tmp_path, capsys, models, pretraining_shards):
     shards = pretraining_shards["train"]
+    out = tmp_path / "out"
     # 1. Vocabulary mismatch between teacher and student.
     other_vocab = tmp_path / "student_vocab.json"
     BertConfig(**{**STUDENT, "vocab_size": 21128}).to_json_file(other_vocab)
-    out = tmp_path / "a"
     argv = general_argv(shards, models, out, "--max_steps", "2")
     argv[argv.index(str(models["student_config"]))] = str(other_vocab)
-    done = run_script("general_distill.py", *argv)
-    assert done.returncode == 1 and "vocab_size 21128" in done.stderr and "teacher" in done.stderr, done.stderr
-    assert done.stderr.strip().count("\n") == 0 and not out.exists()
+    status, err = run_script(capsys, "general_distill.py", *argv)
+    assert status == 1 and "vocab_size 21128" in err and "teacher" in err, err
     # 2. A distillation config with an unknown key.
     bad = json.loads(BACKBONE.read_text())
     bad["distillation_config"]["use_attention_probs"] = True
     bad_config = tmp_path / "bad.json"
     bad_config.write_text(json.dumps(bad))
-    done = run_script("general_distill.py", *general_argv(shards, models, out, "--distill_config", str(bad_config)))
-    assert done.returncode == 1 and "unknown key(s) use_attention_probs" in done.stderr and str(bad_config) in \
-        done.stderr, done.stderr
-    assert not out.exists()
+    status, err = run_script(capsys, "general_distill.py",
+                             *general_argv(shards, models, out, "--distill_config", str(bad_config)))
+    assert status == 1 and "unknown key(s) use_attention_probs" in err and str(bad_config) in err, err
     # 3. A student checkpoint whose weights are another architecture than its config.
     student = save_model(BertModel, BertConfig(**STUDENT), tmp_path / "student", 2)
     BertConfig(**{**STUDENT, "num_hidden_layers": 3}).to_json_file(student / "config.json")
-    done = run_script("task_distill.py", "--data_dir", str(SST2), "--task_name", "sst-2", "--teacher_model",
-                      str(models["teacher_sst2"]), "--student_model", str(student), "--output_dir", str(out),
-                      "--skip_features_cache")
-    assert done.returncode == 1 and "num_hidden_layers 2 in the weights, 3 in the config" in done.stderr, done.stderr
-    assert not out.exists()
-    # 4. A teacher without the task head it is to teach.
-    done = run_script("task_distill.py", "--data_dir", str(SST2), "--task_name", "sst-2", "--teacher_model",
-                      str(models["teacher"]), "--student_model", str(save_model(BertModel, BertConfig(**STUDENT),
-                                                                                tmp_path / "ok", 2)),
-                      "--output_dir", str(out), "--skip_features_cache", "--max_steps", "1")
-    assert done.returncode == 1 and "classifier.weight" in done.stderr and "fine-tune it first" in done.stderr
+    sst2 = ["--data_dir", str(SST2), "--task_name", "sst-2", "--output_dir", str(out), "--skip_features_cache"]
+    status, err = run_script(capsys, "task_distill.py", *sst2, "--teacher_model", str(models["teacher_sst2"]),
+                             "--student_model", str(student))
+    assert status == 1 and "num_hidden_layers 2 in the weights, 3 in the config" in err, err
+    assert not out.exists()  # every check ran before anything was written
+    # 4. A teacher without the task head it is to teach (found when it loads, before any step).
+    fine = save_model(BertModel, BertConfig(**STUDENT), tmp_path / "fine", 2)
+    status, err = run_script(capsys, "task_distill.py", *sst2, "--teacher_model", str(models["teacher"]),
+                             "--student_model", str(fine), "--max_steps", "1")
+    assert status == 1 and "classifier.weight" in err and "fine-tune it first" in err, err
+    assert not (out / "pytorch_model.bin").exists()
 
 
 def test_distill_config_checks(tmp_path):
@@ -299,12 +299,12 @@ def dll_records(path: Path) -> list[dict]:
     return [{"data": {}, **record} for record in lines]
 
 
-def test_general_then_task_distillation_chain(tmp_path, models, pretraining_shards):
+def test_general_then_task_distillation_chain(tmp_path, capsys, models, pretraining_shards):
     shards = pretraining_shards["train"]
     general = tmp_path / "general"
-    done = run_script("general_distill.py", *general_argv(shards, models, general, "--max_steps", "6",
-                                                          "--num_steps_per_checkpoint", "3"))
-    assert done.returncode == 0, done.stderr
+    status, err = run_script(capsys, "general_distill.py", *general_argv(
+        shards, models, general, "--max_steps", "6", "--num_steps_per_checkpoint", "3"))
+    assert status == 0, err
     assert {"config.json", "pytorch_model.bin", "project.bin", "vocab.txt", "ckpt_6.pt"} <= {
         p.name for p in general.iterdir()}
     records = dll_records(general / "dllogger.json")
@@ -318,9 +318,9 @@ def test_general_then_task_distillation_chain(tmp_path, models, pretraining_shar
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     (resumed / "ckpt_3.pt").write_bytes((general / "ckpt_3.pt").read_bytes())
-    done = run_script("general_distill.py", *general_argv(shards, models, resumed, "--max_steps", "6",
-                                                          "--resume_from_checkpoint"))
-    assert done.returncode == 0, done.stderr
+    status, err = run_script(capsys, "general_distill.py", *general_argv(
+        shards, models, resumed, "--max_steps", "6", "--resume_from_checkpoint"))
+    assert status == 0, err
     straight = torch.load(general / "pytorch_model.bin", weights_only=True)["model"]
     again = torch.load(resumed / "pytorch_model.bin", weights_only=True)["model"]
     for key, value in straight.items():
@@ -331,30 +331,29 @@ def test_general_then_task_distillation_chain(tmp_path, models, pretraining_shar
               "--do_lower_case", "--max_seq_length", "64", "--train_batch_size", "8", "--learning_rate", "1e-3",
               "--features_cache_dir", str(tmp_path / "cache")]
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
-    done = run_script("task_distill.py", *common, "--student_model", str(general), "--output_dir", str(stage1),
-                      "--max_steps", "3")
-    assert done.returncode == 0, done.stderr
+    status, err = run_script(capsys, "task_distill.py", *common, "--student_model", str(general),
+                             "--output_dir", str(stage1), "--max_steps", "3")
+    assert status == 0, err
     before = torch.load(general / "pytorch_model.bin", weights_only=True)["model"]
     after = torch.load(stage1 / "pytorch_model.bin", weights_only=True)["model"]
     key = "encoder.layer.1.output.dense.weight"
     assert not torch.equal(after["bert." + key], before[key])
     assert (stage1 / "project.bin").is_file()
-    done = run_script("task_distill.py", *common, "--student_model", str(stage1), "--output_dir", str(stage2),
-                      "--max_steps", "4", "--pred_distill", "--temperature", "2", "--do_eval", "--eval_step", "2")
-    assert done.returncode == 0, done.stderr
+    status, err = run_script(capsys, "task_distill.py", *common, "--student_model", str(stage1),
+                             "--output_dir", str(stage2), "--max_steps", "4", "--pred_distill", "--temperature", "2",
+                             "--do_eval", "--eval_step", "2")
+    assert status == 0, err
     evaluations = json.loads((stage2 / "eval_results.txt").read_text())
     assert [e["step"] for e in evaluations] == [2, 4] and 0.0 <= evaluations[-1]["acc"] <= 1.0
     stage1_head = torch.load(stage1 / "pytorch_model.bin", weights_only=True)["model"]["classifier.weight"]
     stage2_head = torch.load(stage2 / "pytorch_model.bin", weights_only=True)["model"]["classifier.weight"]
     assert not torch.equal(stage1_head, stage2_head)
 
-    # The student is an ordinary fine-tuned model: run_glue.py evaluates it and it exports to HF format.
-    done = subprocess.run([sys.executable, str(REPO / "run_glue.py"), "--data_dir", str(SST2), "--bert_model", "s",
-                           "--task_name", "sst-2", "--output_dir", str(tmp_path / "glue"), "--init_checkpoint",
-                           str(stage2), "--vocab_file", str(VOCAB), "--config_file", str(stage2 / "config.json"),
-                           "--do_eval", "--do_lower_case", "--max_seq_length", "64", "--skip_features_cache",
-                           "--disable_progress_bar"], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    # The student is an ordinary fine-tuned model: run_glue.py evaluates it alike and it exports to HF format.
+    assert run_glue.main(["--data_dir", str(SST2), "--bert_model", "s", "--task_name", "sst-2", "--output_dir",
+                          str(tmp_path / "glue"), "--init_checkpoint", str(stage2), "--vocab_file", str(VOCAB),
+                          "--config_file", str(stage2 / "config.json"), "--do_eval", "--do_lower_case",
+                          "--max_seq_length", "64", "--skip_features_cache", "--disable_progress_bar"]) == 0
     glue = json.loads((tmp_path / "glue" / "results.txt").read_text())
     assert glue["acc"] == pytest.approx(evaluations[-1]["acc"])
     student = BertForSequenceClassification.from_pretrained(stage2, num_labels=2)
@@ -362,7 +361,7 @@ def test_general_then_task_distillation_chain(tmp_path, models, pretraining_shar
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"] == 2
 
 
-def test_squad_task_distillation(tmp_path, models):
+def test_squad_task_distillation(tmp_path, capsys, models):
     """SQuAD v1.1 (answerable questions of the bundled v2.0 sample): both stages run and the student predicts."""
     data = tmp_path / "squad"
     data.mkdir()
@@ -377,12 +376,12 @@ def test_squad_task_distillation(tmp_path, models):
     common = ["--data_dir", str(data), "--task_name", "squadv1.1", "--teacher_model", str(teacher),
               "--do_lower_case", "--max_seq_length", "96", "--doc_stride", "48", "--train_batch_size", "4",
               "--features_cache_dir", str(tmp_path / "cache")]
-    done = run_script("task_distill.py", *common, "--student_model", str(student), "--output_dir",
-                      str(tmp_path / "s1"), "--max_steps", "2")
-    assert done.returncode == 0, done.stderr
-    done = run_script("task_distill.py", *common, "--student_model", str(tmp_path / "s1"), "--output_dir",
-                      str(tmp_path / "s2"), "--max_steps", "2", "--pred_distill", "--do_eval")
-    assert done.returncode == 0, done.stderr
+    status, err = run_script(capsys, "task_distill.py", *common, "--student_model", str(student),
+                             "--output_dir", str(tmp_path / "s1"), "--max_steps", "2")
+    assert status == 0, err
+    status, err = run_script(capsys, "task_distill.py", *common, "--student_model", str(tmp_path / "s1"),
+                             "--output_dir", str(tmp_path / "s2"), "--max_steps", "2", "--pred_distill", "--do_eval")
+    assert status == 0, err
     results = json.loads((tmp_path / "s2" / "eval_results.txt").read_text())[-1]
     assert 0.0 <= results["F1"] <= 100.0 and (tmp_path / "s2" / "predictions.json").is_file()
     BertForQuestionAnswering.from_pretrained(tmp_path / "s2")  # loads as run_squad.py / inference.py load it
