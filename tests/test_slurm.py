@@ -402,3 +402,54 @@ def test_bad_variables_stop_the_job_before_any_step_with_one_line(tmp_path, vari
     assert done.returncode == 1 and calls == []
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"run.sub: {message}"), lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bind.sh on a stand-in DGX (lscpu, nvidia-smi, ibstat and numactl that only print)
+# ----------------------------------------------------------------------------------------------------------------
+
+LSCPU = """Thread(s) per core:  2
+Core(s) per socket:  16
+Socket(s):           2
+NUMA node(s):        2
+"""
+
+
+def _bind(tmp_path: Path, local_rank: int, *options: str, tools: bool = True) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stubs = {"lscpu": f"cat <<'EOF'\n{LSCPU}EOF", "ibstat": "printf 'mlx5_%s\\n' 3 1 2 0",
+             "nvidia-smi": "for i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: A100 (UUID: GPU-$i)\"; done",
+             "numactl": 'echo "numactl $* IB=${OMPI_MCA_btl_openib_if_include:-}"'}
+    if not tools:  # one NUMA node, no IB device, no GPU, no numactl
+        stubs = {"lscpu": "printf 'Socket(s): 1\\nCore(s) per socket: 2\\nNUMA node(s): 1\\n'", "ibstat": "true"}
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_LOCALID": str(local_rank)}
+    for key in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_MCA_btl_openib_if_include"):
+        env.pop(key, None)
+    return subprocess.run(["bash", str(REPO / "bind.sh"), *options, "--", "echo", "task"], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_bind_sh_binds_each_rank_near_its_gpu(tmp_path):
+    done = _bind(tmp_path, 3, "--cpu=exclusive", "--ib=single")
+    assert done.returncode == 0, done.stderr
+    # 32 cores for 8 GPUs: rank 3 takes cores 12-15 and their SMT siblings 44-47, NUMA node 0, the second IB device
+    assert done.stdout == "numactl --physcpubind=12-15,44-47 --membind=0 -- echo task IB=mlx5_1\n"
+    done = _bind(tmp_path, 5, "--cpu=exclusive,nosmt", "--mem=off")
+    assert done.stdout == "numactl --physcpubind=20-23 -- echo task IB=\n"
+    assert _bind(tmp_path, 5).stdout == "numactl --cpunodebind=1 --membind=1 -- echo task IB=\n"
+    cores = tmp_path / "cores.sh"
+    cores.write_text("bind_cpu_cores=(0-3 4-7 8-11 12-15 16-19 20-23 24-27 28-31)\n")
+    assert _bind(tmp_path, 6, f"--cpu={cores}", "--mem=off").stdout == "numactl --physcpubind=24-27 -- echo task IB=\n"
+
+
+def test_bind_sh_without_numa_or_infiniband_says_so_and_runs_the_task(tmp_path):
+    done = _bind(tmp_path, 0, "--cpu=node", "--ib=single", tools=False)
+    assert done.returncode == 0 and done.stdout == "task\n"
+    assert "one NUMA node: --cpu=node binds nothing" in done.stderr
+    assert "no InfiniBand device found: --ib=single binds no NIC" in done.stderr
+    done = _bind(tmp_path, 0, "--cpu=sometimes", tools=False)
+    assert done.returncode == 1 and done.stderr.startswith("bind.sh: invalid --cpu mode 'sometimes'")
