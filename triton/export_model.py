@@ -20,13 +20,12 @@ import model as triton_model
 import numpy as np
 import torch
 
-ROOT = triton_model.ROOT
-import utils  # noqa: E402
+import utils  # noqa: E402  (the siblings above put the repository root on sys.path)
 from data import squad  # noqa: E402
 from file_utils import atomic_path  # noqa: E402
 from tokenization import BertTokenizer  # noqa: E402
 
-DEFAULT_PREDICT_FILE = ROOT / "data" / "sample" / "squad" / "v2.0" / "dev-v2.0.json"
+DEFAULT_PREDICT_FILE = triton_model.ROOT / "data" / "sample" / "squad" / "v2.0" / "dev-v2.0.json"
 OUTPUT_TYPES = ("ts-trace", "onnx")
 
 
