@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -399,3 +400,12 @@ def test_soft_cross_entropy_trains_student_toward_teacher():
         soft_cross_entropy(student, teacher_logits).backward()
         optimizer.step()
     assert F.kl_div(student.log_softmax(-1), teacher_logits.softmax(-1), reduction="batchmean").item() < gap / 10
+
+
+def test_e2e_script_modes():
+    """The end-to-end script documents itself and refuses an unknown mode before doing anything."""
+    script = REPO / "distillation" / "run_e2e_distillation.sh"
+    shown = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0 and "cpu_demo" in shown.stdout
+    bad = subprocess.run(["bash", str(script), "tpu_demo"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "unknown mode 'tpu_demo'" in bad.stderr
