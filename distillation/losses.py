@@ -192,8 +192,9 @@ class BackboneLoss(nn.Module):
         super().__init__()
         self.config = config
         self.pairs = layer_mapping(student_layers, teacher_layers, config.student_teacher_layer_mapping)
+        compares_states = config.use_hidden_states or config.use_embedding_states  # else it would get no gradient
         self.projection: nn.Module = Projection(student_hidden, teacher_hidden) \
-            if student_hidden != teacher_hidden else nn.Identity()
+            if student_hidden != teacher_hidden and compares_states else nn.Identity()
 
     def _relation(self, student: Tensor, teacher: Tensor, mask: Tensor | None, kind: str) -> Tensor:
         if kind == "kld":
