@@ -10,7 +10,8 @@ Pipeline (every stage is the project's own entry script, run as a user runs it):
    logged values, the last-hidden-state cosine to the teacher during training, and on held-out WikiText-2 valid
    shards before and after (cached);
 3. for each seed: task distillation (task_distill.py) stage 1 (backbone) then stage 2 (``--pred_distill``), against
-   run_glue.py fine-tuning the general-distilled student, and a randomly initialised one, for the same total steps;
+   run_glue.py fine-tuning the general-distilled student for the same total steps (and, with
+   ``--scratch_baseline``, a randomly initialised one);
 4. inference speed of teacher and student on the SST-2 dev set, same batches, in this one process.
 
 Prints the figures and ends with one JSON line (also written to ``--output``).
@@ -154,10 +155,13 @@ def seed_runs(opts: argparse.Namespace, seed: int, sst2: Path, teacher: Path, vo
              "--temperature", str(opts.temperature)], root / "stage2.log")
     result = {"distilled": json.loads((stage2 / "eval_results.txt").read_text())[-1]["acc"]}
     scratch = root / "scratch_init"
-    if not (scratch / "pytorch_model.bin").is_file():
-        torch.manual_seed(seed)
-        BertModel(BertConfig.from_json_file(STUDENT_CONFIG)).save_pretrained(scratch)
-    for name, init in (("finetuned_general", opts.work / "general"), ("finetuned_scratch", scratch)):
+    baselines = [("finetuned_general", opts.work / "general")]
+    if opts.scratch_baseline or (root / "finetuned_scratch" / "results.txt").is_file():
+        baselines.append(("finetuned_scratch", scratch))
+        if not (scratch / "pytorch_model.bin").is_file():
+            torch.manual_seed(seed)
+            BertModel(BertConfig.from_json_file(STUDENT_CONFIG)).save_pretrained(scratch)
+    for name, init in baselines:
         out = root / name
         if not (out / "results.txt").is_file():
             run(["run_glue.py", *common, *batch, "--bert_model", name, "--output_dir", str(out), "--init_checkpoint",
@@ -209,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune_lr", type=float, default=1e-4,
                         help="Peak lr of the prediction stage and of the run_glue.py baselines.")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--scratch_baseline", action="store_true",
+                        help="Also fine-tune a randomly initialised student by run_glue.py (kept where already run).")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "distillation_sst2.json")
     opts = parser.parse_args(argv)
     if not (SHARED / "sst2").is_dir() or not (SHARED / "wikitext-2").is_dir():
@@ -223,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
                         utils.Logger())
     start = time.perf_counter()
     sst2, train_shards, held_shards = make_data(opts.work, opts.train_rows)
+    general = general_stage(opts, minilm, train_shards, held_shards, run_ctx)
+    for name, values in general["losses_first_vs_last"].items():
+        print(f"general distillation {name}: {values['first']:.4f} -> {values['last']:.4f}")
+    print(f"general distillation last-hidden cosine to the teacher, by step: {general['train_cosine_by_step']}; "
+          f"held out: {general['held_out_cosine_before']:.3f} -> {general['held_out_cosine_after']:.3f}", flush=True)
+
     teacher = opts.work / "teacher"
     if not (teacher / "results.txt").is_file():
         run(["run_glue.py", *glue_common(sst2, vocab, opts.work / "cache"), "--bert_model", "all-MiniLM-L6-v2",
@@ -233,25 +245,21 @@ def main(argv: list[str] | None = None) -> int:
     teacher_acc = json.loads((teacher / "results.txt").read_text())["acc"]
     print(f"teacher (MiniLM-L6 fine-tuned on {opts.train_rows} sentences): dev acc {teacher_acc:.4f}", flush=True)
 
-    general = general_stage(opts, minilm, train_shards, held_shards, run_ctx)
-    for name, values in general["losses_first_vs_last"].items():
-        print(f"general distillation {name}: {values['first']:.4f} -> {values['last']:.4f}")
-    print(f"general distillation last-hidden cosine to the teacher, by step: {general['train_cosine_by_step']}; "
-          f"held out: {general['held_out_cosine_before']:.3f} -> {general['held_out_cosine_after']:.3f}", flush=True)
-
     seeds = {}
     for seed in opts.seeds:
         seeds[seed] = seed_runs(opts, seed, sst2, teacher, vocab)
         print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in seeds[seed].items() if isinstance(v, float)),
               flush=True)
-    means = {name: statistics.fmean(r[name] for r in seeds.values())
-             for name in ("distilled", "finetuned_general", "finetuned_scratch")}
-    stdevs = {name: statistics.stdev(r[name] for r in seeds.values()) if len(seeds) > 1 else 0.0 for name in means}
-    wins = sum(r["distilled"] > max(r["finetuned_general"], r["finetuned_scratch"]) for r in seeds.values())
+    runs = {name: [r[name] for r in seeds.values() if name in r]
+            for name in ("distilled", "finetuned_general", "finetuned_scratch")}
+    means = {name: statistics.fmean(values) for name, values in runs.items() if values}
+    stdevs = {name: statistics.stdev(values) if len(values) > 1 else 0.0 for name, values in runs.items() if values}
+    wins = sum(r["distilled"] > r["finetuned_general"] for r in seeds.values())
     speed = inference_speed(teacher, opts.work / f"seed{opts.seeds[0]}" / "stage2", sst2, vocab, run_ctx)
     for name in means:
-        print(f"{name}: mean dev acc {means[name]:.4f} (std {stdevs[name]:.4f})")
-    print(f"distilled student beats both baselines in {wins}/{len(seeds)} seeds; inference "
+        print(f"{name}: mean dev acc {means[name]:.4f} (std {stdevs[name]:.4f}, {len(runs[name])} seeds)")
+    print(f"general + task distillation beats run_glue.py from the general student in {wins}/{len(seeds)} seeds; "
+          "inference "
           f"{speed['student_sequences_per_second']:.0f} vs {speed['teacher_sequences_per_second']:.0f} sequences/s "
           f"(x{speed['student_teacher_speed_ratio']:.2f}), {speed['student_parameters'] / 1e6:.1f}M vs "
           f"{speed['teacher_parameters'] / 1e6:.1f}M parameters")
