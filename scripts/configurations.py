@@ -36,10 +36,12 @@ class Job:
 
     @property
     def nodes(self) -> int:
+        """Nodes of the job (sbatch -N)."""
         return int(self.variables["NNODES"])
 
     @property
     def world_size(self) -> int:
+        """Ranks of the job: one per GPU."""
         return self.nodes * self.gpus_per_node
 
     @property

@@ -394,6 +394,7 @@ def test_with_pyxis_every_step_runs_in_the_image_and_preprocessing_runs_under_mp
     ("PRECISION=fp8", "PRECISION must be fp16, bf16, tf32 or fp32, got 'fp8'"),
     ("BIN_SIZE=100", "BIN_SIZE must be none, 32, 64, 128, 256 or 512, got '100'"),
     ("CONFIG=huge", "CONFIG=huge: no"),
+    ("NNODES=4", "NNODES=4 but the job has 1 nodes: sbatch -N4"),
     ("PHASE=2", "PHASE=2 needs INIT_CHECKPOINT=<phase 1 checkpoint> or sbatch --dependency=afterok:<phase 1 job>"),
     ("PHASE=2 INIT_CHECKPOINT=/nowhere/ckpt_1.pt", "INIT_CHECKPOINT /nowhere/ckpt_1.pt does not exist"),
 ])
