@@ -124,10 +124,13 @@ class TritonModel(torch.nn.Module):
     def check(self, batch_size: int, seq_length: int) -> None:
         """Fail clearly when the server is unreachable, the model not ready, or its inputs/outputs do not match."""
         extra = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+        from tritonclient.utils import InferenceServerException
+
         try:
-            live = self._call("the liveness check", self.client.is_server_live, **extra)
-        except TritonError as exc:
-            raise TritonError(f"cannot reach Triton at {self.protocol}://{self.url}: {exc}") from None
+            live = self.client.is_server_live(**extra)
+        except (InferenceServerException, ConnectionError, OSError) as exc:
+            detail = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+            raise TritonError(f"cannot reach Triton at {self.protocol}://{self.url}: {detail}") from None
         if not live:
             raise TritonError(f"Triton at {self.protocol}://{self.url} is not live")
         if not self._call("the readiness check", self.client.is_model_ready, self.model_name, self.model_version):
