@@ -49,8 +49,7 @@ SQUAD_FLAGS = (  # "The main script specific parameters" of run_squad.py
     "--max_seq_length 384 --doc_stride 128 --max_query_length 64 --n_best_size 20 --max_answer_length 30 "
     "--verbose_logging --do_lower_case --version_2_with_negative --null_score_diff_threshold 0.0"
     " --output_dir {tmp}/SQuAD --init_checkpoint {ckpt} --vocab_file {vocab} --config_file {config}")  # required
-DOCKER = "skip: Docker (scripts/docker/*) is a separate open issue"
-SLURM = "skip: needs a SLURM cluster (sbatch, srun, pyxis)"
+SLURM = "skip: run on a real one-node SLURM, and as dry runs of every configurations.yml job, by tests/test_slurm.py"
 EDIT = "skip: edits a default inside the script; the same values are passed positionally in the lines below"
 
 COMMANDS: list[tuple[str, str, str]] = [
@@ -58,8 +57,8 @@ COMMANDS: list[tuple[str, str, str]] = [
      "skip: fetches the reference; this checkout takes its place"),
     (SECTION_QS, "cd DeepLearningExamples/PyTorch/LanguageModeling/BERT",
      "skip: the reference's folder; tests run in this repository's root"),
-    (SECTION_QS, "bash scripts/docker/build.sh", DOCKER),
-    (SECTION_QS, "bash scripts/docker/launch.sh", DOCKER),
+    (SECTION_QS, "bash scripts/docker/build.sh", "docker build --network=host --rm --pull --no-cache -t bert ."),
+    (SECTION_QS, "bash scripts/docker/launch.sh", "docker run --rm --gpus"),
     (SECTION_QS, "data/create_datasets_from_start.sh", "dry"),  # /workspace/bert/ is the repository root
     (SECTION_QS, "bash scripts/run_pretraining.sh", "dry"),
     (SECTION_QS, "bash scripts/run_squad.sh {ckpt}", "dry"),
@@ -105,7 +104,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     (SECTION_INFER, 'python inference.py --bert_model "bert-large-uncased" --init_checkpoint={qa} '
      '--config_file="{qa_config}" --vocab_file={vocab}  --question="What food does Harry like?" '
      '--context="My name is Harry and I grew up in Canada. I love apples."', "run"),
-    (SECTION_INFER, "triton/README.md", "skip: Triton deployment is a separate open issue"),
+    (SECTION_INFER, "triton/README.md", "file"),
     (SECTION_BENCH, "bash scripts/run_squad.sh /workspace/bert/bert_large_uncased.pt 2.0 4 3e-5 fp16 8 42 {squad} "
      "/workspace/bert/scripts/vocab/vocab {tmp}/SQuAD train /workspace/bert/bert_config.json -1",
      "stale: unknown precision '8'"),
@@ -152,6 +151,9 @@ def places(tmp_path_factory, tiny_encoder) -> dict[str, str]:
     fake = bin_dir / "nvidia-smi"
     fake.write_text('#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo "GPU $i: NVIDIA A100-SXM4-80GB (UUID: x-$i)"; done\n')
     fake.chmod(0o755)
+    docker = bin_dir / "docker"  # records its arguments: the Quick Start's docker scripts run up to the docker call
+    docker.write_text('#!/bin/sh\necho "docker $*" >> "$(dirname "$0")/docker.log"\n')
+    docker.chmod(0o755)
     return {"tmp": str(tmp), "ckpt": str(init), "config": str(config), "qa": str(qa),
             "qa_config": str(tmp / "qa_config.json"), "squad": str(squad),
             "glue": str(glue), "vocab": str(REPO / "vocab" / "vocab"), "bin": str(bin_dir)}
@@ -198,6 +200,18 @@ def test_reference_readme_command(section, command, how, places, capsys):
     if how.startswith("skip"):
         pytest.skip(f"{section}: {how.removeprefix('skip: ')}")
     command = command.format(**places)
+    if how == "file":  # the README points to a document: it must be there and name the scripts it walks through
+        text = (REPO / command).read_text(encoding="utf-8")
+        assert all(f"{name}.py" in text for name in ("export_model", "run_inference_on_triton",
+                                                       "run_performance_on_triton"))
+        return
+    if how.startswith("docker "):
+        log = Path(places["bin"]) / "docker.log"
+        log.unlink(missing_ok=True)
+        done = dry_run(command, places)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert log.read_text().splitlines()[0].startswith(how), log.read_text()
+        return
     if how == "dry":
         words = command.split()
         if words[2:3] == ["$(source"] and words[4] == "&&":  # a config function: test_configs' helper
@@ -243,4 +257,5 @@ def test_reference_readme_command(section, command, how, places, capsys):
 def test_table_covers_each_section():
     sections = {section for section, _, _ in COMMANDS}
     assert {SECTION_QS, SECTION_PARAMS, SECTION_CLI, SECTION_TRAIN, SECTION_INFER} <= sections
-    assert all(how in ("dry", "flags", "run") or how.startswith(("skip: ", "stale: ")) for _, _, how in COMMANDS)
+    assert all(how in ("dry", "flags", "run", "file") or how.startswith(("skip: ", "stale: ", "docker "))
+               for _, _, how in COMMANDS)
