@@ -1,0 +1,1 @@
+"""Knowledge distillation (TinyBERT / MiniLM): losses, general and task distillation, data augmentation."""
