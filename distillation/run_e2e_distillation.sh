@@ -130,7 +130,7 @@ echo "== general distillation, phase 2 -> $general2"
   --distill_config distillation/distillation_config_backbone.json "${GENERAL2[@]}" "${PREC[@]}" \
   --disable_progress_bar --log_freq 10
 
-# task TASK DATA_DIR TEACHER AUG_FLAGS...: augmentation (when a masked-LM model is set), backbone, prediction layer.
+# task TASK DATA_DIR TEACHER STUDENT: augmentation (when a masked-LM model is set), backbone, prediction layer.
 task() {
   local name=$1 data=$2 teacher=$3 student_from=$4 aug=()
   if [ -n "$MLM_MODEL" ]; then
@@ -145,7 +145,12 @@ task() {
     aug=(--aug_train)
   fi
   local backbone=$OUT/nv_distill_${name//[-.]/_} pred=$OUT/nv_distill_${name//[-.]/_}_pred
-  local -n stage1_flags=$5 stage2_flags=$6
+  local stage1_flags stage2_flags
+  if [ "$name" = squadv1.1 ]; then
+    stage1_flags=("${SQUAD_BACKBONE[@]}") stage2_flags=("${SQUAD_PRED[@]}")
+  else
+    stage1_flags=("${SST2_BACKBONE[@]}") stage2_flags=("${SST2_PRED[@]}")
+  fi
   echo "== $name: task distillation of the backbone -> $backbone"
   "${LAUNCH[@]}" distillation/task_distill.py --data_dir "$data" --task_name "$name" --teacher_model "$teacher" \
     --student_model "$student_from" --output_dir "$backbone" --vocab_file "$VOCAB" --do_lower_case \
@@ -159,8 +164,8 @@ task() {
 }
 
 # As the reference: SQuAD from phase 2's student (sequence 384 needs phase 2's positions), SST-2 from phase 1's.
-task squadv1.1 "$SQUAD_DIR" "$TEACHER_QA" "$general2" SQUAD_BACKBONE SQUAD_PRED
-task sst-2 "$SST2_DIR" "$TEACHER_SST2" "$general1" SST2_BACKBONE SST2_PRED
+task squadv1.1 "$SQUAD_DIR" "$TEACHER_QA" "$general2"
+task sst-2 "$SST2_DIR" "$TEACHER_SST2" "$general1"
 
 echo "== results (teachers, then students)"
 for f in "$TEACHER_SST2/results.txt" "$TEACHER_QA/dllogger.json"; do

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-SHELL_SCRIPTS = sorted({*REPO.glob("scripts/**/*.sh"), *REPO.glob("data/*.sh"), REPO / "run.sub", REPO / "bind.sh",
-                        REPO / ".ci" / "run"})
+SHELL_SCRIPTS = sorted({*REPO.glob("scripts/**/*.sh"), *REPO.glob("data/*.sh"), *REPO.glob("distillation/*.sh"),
+                        REPO / "run.sub", REPO / "bind.sh", REPO / ".ci" / "run"})
 
 
 def _tool(name: str, how: str) -> str:
@@ -25,7 +25,8 @@ def _tool(name: str, how: str) -> str:
 def test_every_shell_script_passes_shellcheck():
     shellcheck = _tool("shellcheck", "Debian package shellcheck, which .ci/run installs")
     assert {"run.sub", "bind.sh", "build.sh", "launch.sh", "run_pretraining.sh", "pretrain_config.sh",
-            "create_datasets_from_start.sh"} <= {path.name for path in SHELL_SCRIPTS}
+            "create_datasets_from_start.sh", "run_e2e_distillation.sh",
+            "triton_inference_server.sh"} <= {path.name for path in SHELL_SCRIPTS}
     # .shellcheckrc: sourced files are followed from the script's own folder (common.sh, the config files).
     done = subprocess.run([shellcheck, "--format=gcc", *map(str, SHELL_SCRIPTS)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
