@@ -12,8 +12,7 @@ import torch
 
 import utils
 from data import squad
-from file_utils import CheckpointError
-from modeling import BertConfig, BertForQuestionAnswering
+from modeling import BertForQuestionAnswering
 from tokenization import BertTokenizer
 
 logger = logging.getLogger("inference")
@@ -95,20 +94,6 @@ def resolve_files(args: argparse.Namespace) -> tuple[Path, Path | None]:
     return vocab, config
 
 
-def load_qa_model(checkpoint: str, config_file: Path | None) -> BertForQuestionAnswering:
-    """Load a fine-tuned QA model for prediction; fail when the weights carry no QA head or don't fit the config."""
-    config = BertConfig.from_json_file(config_file) if config_file else None
-    try:
-        model = BertForQuestionAnswering.from_pretrained(checkpoint, config=config)
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"--init_checkpoint {checkpoint}: {exc}") from exc
-    missing_head = [key for key in model.load_report.missing if key.startswith("qa_outputs.")]
-    if missing_head:
-        raise CheckpointError(f"--init_checkpoint {checkpoint} is not a question-answering model: it has no "
-                              f"{', '.join(missing_head)} (fine-tune it with run_squad.py first)")
-    return model.eval()
-
-
 def read_items(args: argparse.Namespace) -> list[dict[str, str]]:
     """The questions to answer: from --json_file (list or SQuAD format), else --question/--context."""
     if not args.json_file:
@@ -187,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab_file, config_file = resolve_files(args)
         tokenizer = BertTokenizer(vocab_file, do_lower_case=args.do_lower_case)
         items = read_items(args)
-        model = load_qa_model(args.init_checkpoint, config_file)
+        model = BertForQuestionAnswering.from_finetuned(args.init_checkpoint, config_file)
         model.config.check_fits(len(tokenizer.vocab), args.max_seq_length,
                                 config_file=config_file or f"the config beside {args.init_checkpoint}",
                                 vocab_file=vocab_file)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from file_utils import PathLike, atomic_write, load_state_dict_file, save_checkpoint
+from file_utils import CheckpointError, PathLike, atomic_write, load_state_dict_file, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -1060,3 +1060,19 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
         start_logits, end_logits = self.qa_outputs(sequence_output).unbind(dim=-1)  # [B, S, 2] -> 2 x [B, S]
         return start_logits, end_logits
+
+    @classmethod
+    def from_finetuned(cls, checkpoint: PathLike, config_file: PathLike | None = None,
+                       flag: str = "--init_checkpoint") -> BertForQuestionAnswering:
+        """A fine-tuned QA model in eval mode, for prediction: fails, naming ``flag``, when the weights don't fit the
+        config or carry no QA head (a bare encoder would answer at random)."""
+        config = BertConfig.from_json_file(config_file) if config_file else None
+        try:
+            model = cls.from_pretrained(checkpoint, config=config)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{flag} {checkpoint}: {exc}") from exc
+        missing_head = [key for key in model.load_report.missing if key.startswith("qa_outputs.")]
+        if missing_head:
+            raise CheckpointError(f"{flag} {checkpoint} is not a question-answering model: it has no "
+                                  f"{', '.join(missing_head)} (fine-tune it with run_squad.py first)")
+        return model.eval()

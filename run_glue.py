@@ -77,11 +77,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--seed", type=int, default=1, help="Seed of the data order and the classifier init.")
     other.add_argument("--gradient_accumulation_steps", type=int, default=1,
                        help="Micro-batches per optimizer step; must divide --train_batch_size.")
-    other.add_argument("--fp16", "--amp", dest="fp16", action="store_true",
-                       help="fp16 autocast with dynamic loss scaling (CUDA only).")
-    other.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU or CPU); no loss scaling needed.")
-    other.add_argument("--loss_scale", type=float, default=0.0,
-                       help="With --fp16: 0 = dynamic loss scaling; S > 0 = start at S and never grow.")
+    utils.add_precision_flags(other)
     other.add_argument("--skip_checkpoint", action="store_true", help="Do not write the fine-tuned model.")
     other.add_argument("--json-summary", dest="json_summary", default=None,
                        help="dllogger JSON-lines file (default: <output_dir>/dllogger.json).")

@@ -54,12 +54,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--seed", type=int, default=42, help="Seed; rank r uses seed + r for dropout.")
     other.add_argument("--gradient_accumulation_steps", type=int, default=1,
                        help="Micro-batches per optimizer step; must divide --train_batch_size.")
-    other.add_argument("--fp16", "--amp", dest="fp16", action="store_true",
-                       help="fp16 autocast with dynamic loss scaling (CUDA only).")
-    other.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU or CPU); no loss scaling needed.")
-    other.add_argument("--loss_scale", type=float, default=0.0,
-                       help="With --fp16: 0 = dynamic loss scaling from --init_loss_scale; S > 0 = start at S and "
-                            "never grow (it still halves on overflow so a bad step is skipped, not applied).")
+    utils.add_precision_flags(other, "With --fp16: 0 = dynamic loss scaling from --init_loss_scale; S > 0 = start "
+                                     "at S and never grow (it still halves on overflow so a bad step is skipped, "
+                                     "not applied).")
     other.add_argument("--init_loss_scale", type=float, default=2.0**20, help="Initial dynamic loss scale for --fp16.")
     other.add_argument("--log_freq", type=float, default=1.0,
                        help="Log on steps that are a multiple of this (a float, as the reference's: 0.5 = each step).")

@@ -78,11 +78,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--do_lower_case", action="store_true", help="Lower-case the text (uncased models).")
     other.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)),
                        help="Set by torch.distributed.launch; torchrun's LOCAL_RANK variable takes precedence.")
-    other.add_argument("--fp16", "--amp", dest="fp16", action="store_true",
-                       help="fp16 autocast with dynamic loss scaling (CUDA only).")
-    other.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU or CPU); no loss scaling needed.")
-    other.add_argument("--loss_scale", type=float, default=0.0,
-                       help="With --fp16: 0 = dynamic loss scaling; S > 0 = start at S and never grow.")
+    utils.add_precision_flags(other)
     other.add_argument("--version_2_with_negative", action="store_true",
                        help="SQuAD v2.0: questions may have no answer; writes null_odds.json.")
     other.add_argument("--null_score_diff_threshold", type=float, default=0.0,

@@ -1235,6 +1235,16 @@ def configure_logging(is_main: bool) -> None:
     logging.getLogger().setLevel(logging.INFO if is_main else logging.WARNING)
 
 
+def add_precision_flags(group: argparse._ActionsContainer, loss_scale_help: str | None = None) -> None:
+    """The precision flags every training script shares: ``--fp16``/``--amp``, ``--bf16`` and ``--loss_scale``."""
+    group.add_argument("--fp16", "--amp", dest="fp16", action="store_true",
+                       help="fp16 autocast with dynamic loss scaling (CUDA only).")
+    group.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU or CPU); no loss scaling needed.")
+    group.add_argument("--loss_scale", type=float, default=0.0,
+                       help=loss_scale_help or "With --fp16: 0 = dynamic loss scaling; S > 0 = start at S and never "
+                                               "grow.")
+
+
 def check_precision_flags(args: Any, device: torch.device) -> Precision:
     """``--fp16/--amp`` and ``--bf16`` to one precision; ``--loss_scale`` only with ``--fp16``, and not negative."""
     loss_scale = getattr(args, "loss_scale", 0.0)

@@ -77,11 +77,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--seed", type=int, default=42, help="Seed; rank r uses seed + r.")
     other.add_argument("--gradient_accumulation_steps", type=int, default=1,
                        help="Micro-batches per optimizer step; must divide --train_batch_size.")
-    other.add_argument("--fp16", "--amp", dest="fp16", action="store_true",
-                       help="fp16 autocast with dynamic loss scaling (CUDA only).")
-    other.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU or CPU); no loss scaling needed.")
-    other.add_argument("--loss_scale", type=float, default=0.0,
-                       help="With --fp16: 0 = dynamic loss scaling; S > 0 = start at S and never grow.")
+    utils.add_precision_flags(other)
     other.add_argument("--continue_train", action="store_true",
                        help="Start the student from the weights (and project.bin) in the --student_model folder.")
     other.add_argument("--resume_from_checkpoint", action="store_true",

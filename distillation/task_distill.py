@@ -104,11 +104,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                        help="With --pred_distill and --do_eval: evaluate on the dev file every N steps.")
     other.add_argument("--n_best_size", type=int, default=20, help="SQuAD: n-best start/end logits considered.")
     other.add_argument("--max_answer_length", type=int, default=30, help="SQuAD: longest answer (tokens).")
-    other.add_argument("--fp16", "--amp", dest="fp16", action="store_true",
-                       help="fp16 autocast with dynamic loss scaling (CUDA only).")
-    other.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU or CPU); no loss scaling needed.")
-    other.add_argument("--loss_scale", type=float, default=0.0,
-                       help="With --fp16: 0 = dynamic loss scaling; S > 0 = start at S and never grow.")
+    utils.add_precision_flags(other)
     other.add_argument("--resume_from_checkpoint", action="store_true",
                        help="Continue from the newest loadable ckpt_<step>.pt in --output_dir.")
     other.add_argument("--num_steps_per_checkpoint", type=int, default=1000, help="Save ckpt_<step>.pt every N steps.")

@@ -15,8 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python triton/<script>.py`: sys.path[0] is this folder, not the root
     sys.path.insert(1, str(ROOT))
 
-from file_utils import CheckpointError  # noqa: E402
-from modeling import BertConfig, BertForQuestionAnswering  # noqa: E402
+from modeling import BertForQuestionAnswering  # noqa: E402
 
 INPUT_NAMES = ("input__0", "input__1", "input__2")
 OUTPUT_NAMES = ("output__0", "output__1")
@@ -35,20 +34,6 @@ class TritonQA(torch.nn.Module):
         return start_logits, end_logits
 
 
-def load_qa_model(checkpoint: str | Path, config_file: str | Path | None = None) -> BertForQuestionAnswering:
-    """A fine-tuned QA model from anything ``from_pretrained`` takes; fails when the weights have no QA head."""
-    config = BertConfig.from_json_file(config_file) if config_file else None
-    try:
-        model = BertForQuestionAnswering.from_pretrained(checkpoint, config=config)
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"--checkpoint {checkpoint}: {exc}") from exc
-    missing_head = [key for key in model.load_report.missing if key.startswith("qa_outputs.")]
-    if missing_head:
-        raise CheckpointError(f"--checkpoint {checkpoint} is not a question-answering model: it has no "
-                              f"{', '.join(missing_head)} (fine-tune it with run_squad.py first)")
-    return model.eval()
-
-
 def get_model(checkpoint: str | Path, config_file: str | Path | None = None, precision: str = "fp32",
               device: str | torch.device = "cpu") -> TritonQA:
     """The wrapped model in eval mode on ``device``, in fp16 or fp32 (fp16 only on a GPU: CPU kernels lack it)."""
@@ -57,7 +42,7 @@ def get_model(checkpoint: str | Path, config_file: str | Path | None = None, pre
         raise ValueError(f"--precision must be fp16 or fp32, got {precision!r}")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a GPU; on the CPU export fp32")
-    model = TritonQA(load_qa_model(checkpoint, config_file)).to(device).eval()
+    model = TritonQA(BertForQuestionAnswering.from_finetuned(checkpoint, config_file, "--checkpoint")).to(device).eval()
     return model.half() if precision == "fp16" else model
 
 
