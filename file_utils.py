@@ -201,6 +201,18 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
+def utf8_error(path: PathLike) -> str | None:
+    """Where a file stops being UTF-8, as "line N: not UTF-8 text (reason at byte B)", or None when it decodes.
+    The file is decoded whole, so that line and byte are the file's, not those of a reader's buffer."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        return f"line {line}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+    return None
+
+
 def sha256sum(path: PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks so memory stays constant."""
     digest = hashlib.sha256()

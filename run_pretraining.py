@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -49,8 +48,6 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Optimizer steps of this phase (sets the schedule).")
     other.add_argument("--warmup_proportion", type=float, default=0.01,
                        help="Fraction of --max_steps spent warming the learning rate up linearly.")
-    other.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)),
-                       help="Set by torch.distributed.launch; torchrun's LOCAL_RANK variable takes precedence.")
     other.add_argument("--seed", type=int, default=42, help="Seed; rank r uses seed + r for dropout.")
     other.add_argument("--gradient_accumulation_steps", type=int, default=1,
                        help="Micro-batches per optimizer step; must divide --train_batch_size.")
@@ -83,11 +80,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--allreduce_post_accumulation_fp16", action="store_true",
                        help="All-reduce gradients in fp16 (DDP fp16 compression hook) to halve the traffic.")
     other.add_argument("--do_train", action="store_true", help="Must be set: train the model.")
-    other.add_argument("--json-summary", dest="json_summary", default="results/dllogger.json",
-                       help="dllogger JSON-lines file written by rank 0.")
-    other.add_argument("--tensorboard", default=None, metavar="DIR",
-                       help="Also write the logged scalars as TensorBoard events to DIR (rank 0; needs the "
-                            "tensorboard package); phase 2 continues after --phase1_end_step.")
+    utils.add_run_flags(other, json_summary="results/dllogger.json",
+                        tensorboard="phase 2 continues after --phase1_end_step")
     other.add_argument("--use_env", action="store_true",
                        help="Accepted for launcher compatibility; ranks are always read from the environment.")
     other.add_argument("--disable_progress_bar", action="store_true", help="No tqdm bar.")

@@ -76,19 +76,13 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--gradient_accumulation_steps", type=int, default=1,
                        help="Micro-batches per optimizer step; must divide --train_batch_size.")
     other.add_argument("--do_lower_case", action="store_true", help="Lower-case the text (uncased models).")
-    other.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)),
-                       help="Set by torch.distributed.launch; torchrun's LOCAL_RANK variable takes precedence.")
     utils.add_precision_flags(other)
     other.add_argument("--version_2_with_negative", action="store_true",
                        help="SQuAD v2.0: questions may have no answer; writes null_odds.json.")
     other.add_argument("--null_score_diff_threshold", type=float, default=0.0,
                        help="v2.0: answer \"\" when null score - best span score exceeds this.")
     other.add_argument("--log_freq", type=int, default=50, help="Log every N optimizer steps.")
-    other.add_argument("--json-summary", dest="json_summary", default="results/dllogger.json",
-                       help="dllogger JSON-lines file written by rank 0.")
-    other.add_argument("--tensorboard", default=None, metavar="DIR",
-                       help="Also write the logged scalars as TensorBoard events to DIR (rank 0; needs the "
-                            "tensorboard package).")
+    utils.add_run_flags(other, json_summary="results/dllogger.json")
     other.add_argument("--eval_script", default=None,
                        help="With --do_eval: also run this official evaluate script (data_file pred_file) as a "
                             "subprocess and log its JSON output.")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -64,15 +63,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--warmup_proportion", type=float, default=0.1,
                        help="Fraction of the training steps over which the learning rate rises linearly.")
     other.add_argument("--no_cuda", action="store_true", help="Run on the CPU even when a GPU is present.")
-    other.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)),
-                       help="Set by torch.distributed.launch; torchrun's LOCAL_RANK variable takes precedence.")
     other.add_argument("--seed", type=int, default=42, help="Seed of the data order and the classifier init.")
     other.add_argument("--gradient_accumulation_steps", type=int, default=1,
                        help="Micro-batches per optimizer step; must divide --train_batch_size.")
     utils.add_precision_flags(other)
     other.add_argument("--skip_checkpoint", action="store_true", help="Do not write the fine-tuned model.")
-    other.add_argument("--json-summary", dest="json_summary", default=None,
-                       help="dllogger JSON-lines file (default: <output_dir>/dllogger.json).")
+    utils.add_run_flags(other, tensorboard=False)
     other.add_argument("--log_freq", type=int, default=1, help="Log the training loss every N optimizer steps.")
     other.add_argument("--disable_progress_bar", action="store_true", help="No tqdm bars.")
     return parser.parse_args(argv)

@@ -1235,6 +1235,23 @@ def configure_logging(is_main: bool) -> None:
     logging.getLogger().setLevel(logging.INFO if is_main else logging.WARNING)
 
 
+def add_run_flags(group: argparse._ActionsContainer, json_summary: str | None = None,
+                  tensorboard: bool | str = True) -> None:
+    """The flags `run_job` reads: ``--local_rank`` (torch.distributed.launch), ``--json-summary`` (default
+    ``json_summary``; None means <output_dir>/dllogger.json) and, unless ``tensorboard`` is False, ``--tensorboard``
+    (a string adds a note to its help)."""
+    group.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)),
+                       help="Set by torch.distributed.launch; torchrun's LOCAL_RANK variable takes precedence.")
+    group.add_argument("--json-summary", dest="json_summary", default=json_summary,
+                       help="dllogger JSON-lines file written by rank 0" + (
+                           "." if json_summary else " (default: <output_dir>/dllogger.json)."))
+    if tensorboard:
+        note = f"; {tensorboard}" if isinstance(tensorboard, str) else ""
+        group.add_argument("--tensorboard", default=None, metavar="DIR",
+                           help="Also write the logged scalars as TensorBoard events to DIR (rank 0; needs the "
+                                f"tensorboard package){note}.")
+
+
 def add_precision_flags(group: argparse._ActionsContainer, loss_scale_help: str | None = None) -> None:
     """The precision flags every training script shares: ``--fp16``/``--amp``, ``--bf16`` and ``--loss_scale``."""
     group.add_argument("--fp16", "--amp", dest="fp16", action="store_true",

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from file_utils import PathLike
+from file_utils import PathLike, utf8_error
 
 
 class GlueDataError(ValueError):
@@ -113,12 +113,9 @@ class DataProcessor:
                 return self._read_rows(path, split, layout, csv.reader(handle, delimiter="\t",
                                                                         quoting=csv.QUOTE_NONE))
         except UnicodeDecodeError:
-            data = path.read_bytes()
-            try:
-                data.decode("utf-8-sig")
-            except UnicodeDecodeError as exc:  # decoded whole, so that the position is the file's
-                line = data[:exc.start].count(b"\n") + 1
-                raise GlueDataError(f"{path}, line {line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            problem = utf8_error(path)
+            if problem:
+                raise GlueDataError(f"{path}, {problem}") from None
             raise
         except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
             raise GlueDataError(f"{path}: unreadable TSV: {exc}") from None

@@ -10,7 +10,7 @@ from typing import Protocol
 import torch
 
 from data.glue import truncate_seq_pair
-from file_utils import PathLike
+from file_utils import PathLike, utf8_error
 
 NUM_CHOICES = 4
 ENDINGS = tuple(f"ending{i}" for i in range(NUM_CHOICES))
@@ -81,12 +81,9 @@ def read_swag_examples(path: PathLike, labelled: bool = True) -> list[SwagExampl
     except csv.Error as exc:  # a stray or unclosed quote, a field over csv.field_size_limit(), ...
         raise SwagDataError(f"{path}, line {line}: not valid CSV ({exc})") from None
     except UnicodeDecodeError:
-        data = path.read_bytes()
-        try:
-            data.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:  # decoded whole, so that the position is the file's
-            bad_line = data[:exc.start].count(b"\n") + 1
-            raise SwagDataError(f"{path}, line {bad_line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        problem = utf8_error(path)
+        if problem:
+            raise SwagDataError(f"{path}, {problem}") from None
         raise
     return examples
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -89,14 +88,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Every N steps log the student/teacher cosine of the last hidden state on fixed batches.")
     other.add_argument("--num_workers", type=int, default=4, help="Data-loader worker processes (0 = in-process).")
     other.add_argument("--no_cuda", action="store_true", help="Run on the CPU even when a GPU is present.")
-    other.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)),
-                       help="Set by torch.distributed.launch; torchrun's LOCAL_RANK variable takes precedence.")
     other.add_argument("--log_freq", type=int, default=1, help="Log the losses every N optimizer steps.")
     other.add_argument("--disable_progress_bar", action="store_true", help="No tqdm bars.")
-    other.add_argument("--json-summary", dest="json_summary", default=None,
-                       help="dllogger JSON-lines file (default: <output_dir>/dllogger.json).")
-    other.add_argument("--tensorboard", default=None, metavar="DIR",
-                       help="Also write the logged scalars as TensorBoard events to DIR (rank 0).")
+    utils.add_run_flags(other)
     return parser.parse_args(argv)
 
 

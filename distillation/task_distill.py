@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -112,14 +111,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Folder of the tokenized-features cache (default: --data_dir).")
     other.add_argument("--skip_features_cache", action="store_true", help="Neither read nor write the cache.")
     other.add_argument("--no_cuda", action="store_true", help="Run on the CPU even when a GPU is present.")
-    other.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)),
-                       help="Set by torch.distributed.launch; torchrun's LOCAL_RANK variable takes precedence.")
     other.add_argument("--log_freq", type=int, default=1, help="Log the loss every N optimizer steps.")
     other.add_argument("--disable_progress_bar", action="store_true", help="No tqdm bars.")
-    other.add_argument("--json-summary", dest="json_summary", default=None,
-                       help="dllogger JSON-lines file (default: <output_dir>/dllogger.json).")
-    other.add_argument("--tensorboard", default=None, metavar="DIR",
-                       help="Also write the logged scalars as TensorBoard events to DIR (rank 0).")
+    utils.add_run_flags(other)
     args = parser.parse_args(argv)
     if args.vocab_file is None:
         args.vocab_file = str(Path(args.student_model) / "vocab.txt")
