@@ -117,7 +117,8 @@ class Lamb(torch.optim.Optimizer):
          biases and LayerNorm, gets plain Adam steps: reference quirk kept on purpose).
 
     The optimizer clips by itself: the training loop measures the norm (to skip non-finite steps) but must not
-    clip again (`LoopConfig.max_grad_norm=None`). It has no loss-scale handling of its own; with fp16 use
+    clip again (`LoopConfig.max_grad_norm=None`); it hands that norm to `step(grad_norm=...)` (`takes_grad_norm`),
+    so that step 1 is not computed twice. It has no loss-scale handling of its own; with fp16 use
     `torch.amp.GradScaler` (`scaler.unscale_(opt)` then `scaler.step(opt)`), which skips the whole step, state
     included, when a gradient is inf/NaN. Called directly, without `utils.optimizer_step` or a scaler, a
     non-finite gradient is not skipped (as torch's own optimizers).
@@ -127,6 +128,8 @@ class Lamb(torch.optim.Optimizer):
     every parameter is on a device with multi-tensor kernels (CUDA), and the for-loop path otherwise (CPU);
     both do the same maths in the same order.
     """
+
+    takes_grad_norm = True  # `step` accepts the global gradient norm its caller already measured
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
@@ -182,8 +185,10 @@ class Lamb(torch.optim.Optimizer):
         return [1.0 - beta1 ** t for t in counts], [1.0 - beta2 ** t for t in counts]
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Clip all gradients by their global norm, then take one LAMB step for every parameter with a gradient."""
+    def step(self, closure: Callable[[], torch.Tensor] | None = None,
+             grad_norm: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Clip all gradients by their global norm (``grad_norm`` when the caller measured it over the same
+        gradients, else measured here), then take one LAMB step for every parameter with a gradient."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -195,7 +200,7 @@ class Lamb(torch.optim.Optimizer):
         for p in every:
             if p.grad.is_sparse:
                 raise RuntimeError("Lamb does not support sparse gradients")
-        grad_norm = self._global_grad_norm(every)
+        grad_norm = self._global_grad_norm(every) if grad_norm is None else grad_norm.float()
         if self.max_grad_norm > 0:
             clip = torch.where(grad_norm > self.max_grad_norm, grad_norm / self.max_grad_norm, 1.0)
         else:

@@ -703,22 +703,24 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     """Unscale, measure the total gradient norm, clip, then step only if the loss and the norm are finite.
 
     The norm is measured whatever the optimizer (LAMB clips inside itself, so ``max_grad_norm`` is None for it), so
-    a NaN/inf gradient with a finite loss is skipped in fp32 and bf16 too. With fp16 the scaler makes that call
-    (and backs the scale off). Gradients are zeroed either way.
+    a NaN/inf gradient with a finite loss is skipped in fp32 and bf16 too; an optimizer that clips by the global
+    norm itself (``takes_grad_norm``: LAMB) gets this one instead of measuring it again. With fp16 the scaler makes
+    that call (and backs the scale off). Gradients are zeroed either way.
     """
     scaler.unscale_(optimizer)
     grad_norm = nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
     if max_grad_norm:
         nn.utils.clip_grads_with_norm_(parameters, max_grad_norm, grad_norm)
+    step_kwargs = {"grad_norm": grad_norm} if getattr(optimizer, "takes_grad_norm", False) else {}
     if scaler.is_enabled():
         scale = scaler.get_scale()
-        scaler.step(optimizer)  # skips the update itself when unscale_ found inf/NaN gradients
+        scaler.step(optimizer, **step_kwargs)  # skips the update itself when unscale_ found inf/NaN gradients
         scaler.update()
         applied = scaler.get_scale() >= scale  # the scale backs off exactly when the step was skipped
     else:
         applied = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
         if applied:
-            optimizer.step()
+            optimizer.step(**step_kwargs)
     optimizer.zero_grad(set_to_none=True)
     return StepOutcome(applied, grad_norm)
 

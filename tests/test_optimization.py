@@ -109,6 +109,28 @@ def test_lamb_default_picks_for_loop_on_cpu() -> None:
     assert Lamb(make_params(), lr=0.1).foreach is False
 
 
+def test_lamb_step_with_the_loops_grad_norm_equals_measuring_it_itself() -> None:
+    """utils.optimizer_step hands LAMB the norm it measured (nn.utils.get_total_norm) instead of a second pass."""
+    from utils import optimizer_step
+
+    torch.manual_seed(0)
+    models = [nn.Linear(8, 4), nn.Linear(8, 4)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [Lamb(m.parameters(), lr=0.1, max_grad_norm=0.5) for m in models]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for model in models:
+            loss = model(x).pow(2).sum()
+            loss.backward()
+        optimizers[0].step()
+        optimizers[0].zero_grad()
+        outcome = optimizer_step(optimizers[1], scaler, list(models[1].parameters()), None, loss)
+        assert outcome.applied and outcome.grad_norm > 0.5  # the clipping branch is taken
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 def test_lamb_converges_on_tiny_problem() -> None:
     """bert optimization_test: 3 weights reach their target within 100 steps (no decay: plain Adam steps)."""
     w = nn.Parameter(torch.zeros(3))
