@@ -79,12 +79,7 @@ def check_arguments(args: argparse.Namespace, world_size: int) -> None:
     if not (args.do_train or args.do_eval):
         raise ValueError("at least one of --do_train or --do_eval must be set")
     if args.do_train:
-        utils.check_batch_arithmetic(args.train_batch_size, args.gradient_accumulation_steps, world_size)
-        utils.check_positive_finite(learning_rate=args.learning_rate)
-        if args.max_steps <= 0:
-            utils.check_positive_finite(num_train_epochs=args.num_train_epochs)
-        if not 0.0 <= args.warmup_proportion < 1.0:
-            raise ValueError(f"--warmup_proportion must be in [0, 1), got {args.warmup_proportion}")
+        utils.check_schedule_flags(args, world_size)
     if args.eval_batch_size < 1:
         raise ValueError(f"--eval_batch_size must be >= 1, got {args.eval_batch_size}")
     if args.max_seq_length < 3:

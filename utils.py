@@ -157,6 +157,18 @@ def set_seed(seed: int, rank: int = 0) -> None:
     torch.manual_seed(seed + rank)
 
 
+def check_schedule_flags(args: Any, world_size: int) -> None:
+    """The training flags every fine-tuning and distillation script checks alike: batch arithmetic, a positive
+    ``--learning_rate``, positive ``--num_train_epochs`` unless ``--max_steps`` sets the length, and
+    ``--warmup_proportion`` in [0, 1)."""
+    check_batch_arithmetic(args.train_batch_size, args.gradient_accumulation_steps, world_size)
+    check_positive_finite(learning_rate=args.learning_rate)
+    if args.max_steps <= 0:
+        check_positive_finite(num_train_epochs=args.num_train_epochs)
+    if not 0.0 <= args.warmup_proportion < 1.0:
+        raise ValueError(f"--warmup_proportion must be in [0, 1), got {args.warmup_proportion}")
+
+
 def check_batch_arithmetic(train_batch_size: int, gradient_accumulation_steps: int, world_size: int) -> int:
     """Return the micro-batch of a per-rank batch split over accumulation steps, or fail with the numbers.
 

@@ -96,12 +96,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_arguments(args: argparse.Namespace, world_size: int) -> None:
     """Reject flags and inputs that cannot work, before any model is built or file written."""
-    utils.check_batch_arithmetic(args.train_batch_size, args.gradient_accumulation_steps, world_size)
-    utils.check_positive_finite(learning_rate=args.learning_rate, max_grad_norm=args.max_grad_norm)
-    if args.max_steps <= 0:
-        utils.check_positive_finite(num_train_epochs=args.num_train_epochs)
-    if not 0.0 <= args.warmup_proportion < 1.0:
-        raise ValueError(f"--warmup_proportion must be in [0, 1), got {args.warmup_proportion}")
+    utils.check_schedule_flags(args, world_size)
+    utils.check_positive_finite(max_grad_norm=args.max_grad_norm)
     for flag in ("eval_step", "log_freq", "num_steps_per_checkpoint", "keep_checkpoints", "eval_batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")

@@ -133,13 +133,8 @@ def train_file(args: argparse.Namespace) -> Path:
 
 def check_arguments(args: argparse.Namespace, world_size: int) -> None:
     """Reject flags, files, configs and model pairs that cannot work, before anything is written."""
-    utils.check_batch_arithmetic(args.train_batch_size, args.gradient_accumulation_steps, world_size)
-    utils.check_positive_finite(learning_rate=args.learning_rate, temperature=args.temperature,
-                                max_grad_norm=args.max_grad_norm)
-    if args.max_steps <= 0:
-        utils.check_positive_finite(num_train_epochs=args.num_train_epochs)
-    if not 0.0 <= args.warmup_proportion < 1.0:
-        raise ValueError(f"--warmup_proportion must be in [0, 1), got {args.warmup_proportion}")
+    utils.check_schedule_flags(args, world_size)
+    utils.check_positive_finite(temperature=args.temperature, max_grad_norm=args.max_grad_norm)
     for flag in ("eval_step", "log_freq", "num_steps_per_checkpoint", "eval_batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
