@@ -176,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         model.config.check_fits(len(tokenizer.vocab), args.max_seq_length,
                                 config_file=config_file or f"the config beside {args.init_checkpoint}",
                                 vocab_file=vocab_file)
-        results = answer(items, model.to(device), tokenizer, args, device, precision)
+        model = model.to(device).eval()
+        if device.type == "cpu" and precision == "fp32":
+            utils.prepack_linears(model, args.predict_batch_size * args.max_seq_length)
+        results = answer(items, model, tokenizer, args, device, precision)
     except utils.USER_ERRORS as exc:
         return utils.report_error("inference.py", exc)
     # Lone surrogates (\ud800-style escapes in the JSON file, or undecodable bytes in a flag) cannot be printed as

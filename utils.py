@@ -230,6 +230,49 @@ def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractC
     return torch.autocast(device_type=device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
+class PackedLinear(nn.Module):
+    """An inference-only ``nn.Linear`` whose weight oneDNN laid out once for its CPU matmul kernel.
+
+    It calls ``torch.ops.mkldnn._linear_pointwise``, the kernel torch.compile's CPU freezing pass emits. The packed
+    weight is opaque: no gradient, no state-dict entries, no ``.to()``. A ``LinearActivation``'s activation follows.
+    """
+
+    def __init__(self, linear: nn.Linear, rows_hint: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.act = getattr(linear, "act", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        return y if self.act is None else self.act(y)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def prepack_linears(model: nn.Module, rows_hint: int = 384) -> int:
+    """Swap every fp32 CPU ``nn.Linear`` of an eval-mode model for a `PackedLinear`; return how many were swapped.
+
+    CPU inference only. oneDNN on prepacked weights is a few percent faster than MKL's sgemm where MKL takes its
+    AVX-512 path, and much faster where it does not (benchmarks/RESULTS.md, "Serving"). ``rows_hint`` (rows per
+    matmul, batch x sequence) picks the packing. Returns 0, changing nothing, where PyTorch was built without oneDNN.
+    """
+    if model.training:
+        raise ValueError("prepack_linears is for inference: call model.eval() first")
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return 0
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu" \
+                    and child.weight.dtype == torch.float32:
+                setattr(parent, name, PackedLinear(child, rows_hint))
+                count += 1
+    return count
+
+
 def make_grad_scaler(precision: Precision, device: torch.device, init_scale: float = 2.0**16,
                      static: bool = False) -> torch.amp.GradScaler:
     """Loss scaler, enabled only for fp16 (bf16 and fp32 have fp32's exponent range).

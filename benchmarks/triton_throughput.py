@@ -1,11 +1,13 @@
-"""Serving speed of a fine-tuned SQuAD model: in-process PyTorch eager vs TorchScript vs torch.compile vs ONNX
-Runtime, and the real Triton server (nvidia-pytriton, the ONNX file run by ONNX Runtime in its Python backend) vs
-the same ONNX Runtime session called in-process, at batch 1 and 8, seq 384.
+"""Serving speed of a fine-tuned SQuAD model: in-process PyTorch eager vs TorchScript vs torch.compile vs eager
+on oneDNN-prepacked weights (utils.prepack_linears) vs ONNX Runtime, and the real Triton server (nvidia-pytriton,
+the ONNX file run by ONNX Runtime in its Python backend) vs the same ONNX Runtime session called in-process,
+at batch 1 and 8, seq 384.
 
 The model is all-MiniLM-L6-v2 fine-tuned by run_squad.py on the bundled SQuAD sample (cached under
 /tmp/bert-recipe-bench, made on first use); the windows are the bundled dev sample's, padded to 384 tokens. Paths
 are measured in alternating rounds (the machine is shared), and each figure is the median over rounds. Prints a
-table and ends with one JSON line.
+table and ends with one JSON line, which names the CPU. ``MKL_ENABLE_INSTRUCTIONS=AVX2`` in the environment
+shows a CPU where MKL does not take its AVX-512 path (it is recorded in the JSON line).
 
     OMP_NUM_THREADS=1 python benchmarks/triton_throughput.py --rounds 3 --seconds 6
 """
@@ -38,10 +40,21 @@ import model as triton_model  # noqa: E402
 import pytriton_server  # noqa: E402
 import run_performance_on_triton as perf  # noqa: E402
 
+import utils  # noqa: E402
 from tokenization import BertTokenizer  # noqa: E402
 
 CACHE = Path(os.environ.get("BERT_RECIPE_BENCH_CACHE", "/tmp/bert-recipe-bench"))
 SAMPLE = REPO / "data" / "sample" / "squad" / "v2.0"
+TORCH_PATHS = ("eager", "torchscript", "torch.compile", "eager packed")
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its widest vector units, as /proc/cpuinfo gives them."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    units = [unit for unit in ("avx2", "avx512f", "amx_tile") if unit in flags]
+    return f"{names[0] if names else 'unknown CPU'} ({', '.join(units) or 'no AVX2'})"
 
 
 def fine_tuned_minilm() -> Path:
@@ -117,6 +130,8 @@ def measure_all(args: argparse.Namespace, checkpoint: Path, windows: dataloader.
     export_model.export(eager, example, "onnx", work / "model.onnx", 17)
     scripted = torch.jit.load(str(work / "model.pt")).eval()
     compiled = torch.compile(eager)
+    packed = triton_model.get_model(checkpoint)
+    utils.prepack_linears(packed, args.max_seq_length)
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -124,6 +139,7 @@ def measure_all(args: argparse.Namespace, checkpoint: Path, windows: dataloader.
     session = onnxruntime.InferenceSession(str(work / "model.onnx"), options, providers=["CPUExecutionProvider"])
     paths: dict[str, Callable] = {
         "eager": torch_call(eager), "torchscript": torch_call(scripted), "torch.compile": torch_call(compiled),
+        "eager packed": torch_call(packed),
         "onnxruntime": lambda batch: session.run(list(triton_model.OUTPUT_NAMES), batch)}
 
     repository = work / "repository"
@@ -169,6 +185,7 @@ def measure_all(args: argparse.Namespace, checkpoint: Path, windows: dataloader.
               f"{row['p50_ms']:>8} {row['p99_ms']:>8}")
     by = {(row["path"], row["batch"]): row for row in rows}
     summary = {"benchmark": "triton_throughput", "model": "all-MiniLM-L6-v2 fine-tuned on the bundled SQuAD sample",
+               "cpu": cpu_name(), "mkl_enable_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
                "max_seq_length": args.max_seq_length, "threads": threads, "rounds": args.rounds,
                "seconds": args.seconds, "rows": rows}
     for batch_size in args.batch_sizes:
@@ -181,7 +198,7 @@ def measure_all(args: argparse.Namespace, checkpoint: Path, windows: dataloader.
             model_time = sum(s for _, s, _, _ in seen) / sum(n for n, _, _, _ in seen)
             client_time = sum(s for _, _, _, s in seen) / sum(n for _, _, n, _ in seen)
             summary[f"server_latency_over_model_time_{protocol}_b{batch_size}"] = round(client_time / model_time - 1, 4)
-        fastest = max(("eager", "torchscript", "torch.compile"), key=lambda p: by[(p, batch_size)]["requests_per_s"])
+        fastest = max(TORCH_PATHS, key=lambda p: by[(p, batch_size)]["requests_per_s"])
         summary[f"fastest_torch_b{batch_size}"] = fastest
         summary[f"fastest_torch_vs_onnxruntime_b{batch_size}"] = round(
             by[(fastest, batch_size)]["requests_per_s"] / local, 4)

@@ -339,3 +339,32 @@ def test_cached_features_rebuild_on_key_change_and_survive_an_unwritable_folder(
     not_a_folder.write_text("")
     assert torch.equal(utils.cached_features(not_a_folder / "c.pt", "k", build, env)["ids"], torch.arange(3))
     assert "could not write the features cache" in caplog.text
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("act", ["gelu", "gelu_erf", "relu"])
+def test_prepacked_linears_give_the_same_logits(act, monkeypatch):
+    from modeling import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, hidden_act=act, max_position_embeddings=64)
+    model = BertForQuestionAnswering(config)
+    with pytest.raises(ValueError, match="model.eval"):
+        utils.prepack_linears(model)
+    model.eval()
+    ids = torch.randint(0, 120, (3, 40))
+    segments, mask = (ids > 60).long(), torch.ones_like(ids)
+    mask[1, 25:] = 0
+    with torch.no_grad():
+        before = model(ids, segments, mask)
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert utils.prepack_linears(model, rows_hint=120) == linears == 2 * 6 + 2  # q k v o ffn1 ffn2, pooler, QA
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    with torch.inference_mode():
+        after = model(ids, segments, mask)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    plain = BertForQuestionAnswering(config).eval()
+    assert utils.prepack_linears(plain) == 0 and isinstance(plain.qa_outputs, nn.Linear)
