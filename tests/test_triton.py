@@ -183,8 +183,28 @@ def test_export_fails_and_writes_nothing_when_the_export_differs(qa_run, monkeyp
 def test_export_flag_errors(qa_run, capsys, tmp_path):
     code, _, err, _ = export(dict(qa_run, out=tmp_path / "missing"), "onnx", capsys)
     assert code == 1 and "--checkpoint" in err and "does not exist" in err
-    code, _, err, _ = export(qa_run, "onnx", capsys, precision="fp16")
-    assert code == 1 and "fp16 needs a GPU" in err
+    code, _, err, _ = export(qa_run, "onnx", capsys, max_windows="0")
+    assert code == 1 and "--max-windows must be >= 1" in err
+
+
+@pytest.mark.parametrize("output_type", ["ts-trace", "onnx"])
+def test_fp16_export_on_the_cpu_matches_pytorch_in_fp16(qa_run, output_type, capsys, tmp_path):
+    """The GPU's default export precision, made and checked with the CPU's half kernels."""
+    code, report, err, path = export(dict(qa_run, folder=tmp_path), output_type, capsys, precision="fp16")
+    assert code == 0, err
+    assert report["precision"] == "fp16" and report["device"] == "cpu" and report["tolerance"] == 5e-2
+    assert report["max_abs_logit_diff"] <= 5e-2 and report["answers_identical"], report
+    if output_type == "onnx":
+        import onnx
+
+        graph = onnx.load(str(path)).graph
+        assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT32
+        assert {o.type.tensor_type.elem_type for o in graph.output} == {onnx.TensorProto.FLOAT16}
+    else:
+        import torch
+
+        traced = torch.jit.load(str(path))
+        assert {p.dtype for p in traced.parameters()} == {torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,7 +286,15 @@ def server(qa_run, tmp_path_factory):
     assert deploy.main(["--model-repository", str(repository), "--model-name", "bert", "--model-path",
                         str(onnx_path), "--backend", "python", "--instance-kind", "KIND_CPU", "--max-batch-size",
                         "16", "--preferred-batch-sizes", "8", "16", "--max-queue-delay-us", "1000"]) == 0
-    # A second model whose config declares int64 token ids: the client must refuse it by name and dtype.
+    # The same checkpoint exported in fp16 (the GPU default), served with FP16 outputs.
+    half = folder / "model_fp16.onnx"
+    assert export_model.main(["--checkpoint", str(qa_run["out"]), "--vocab-file", str(VOCAB), "--do-lower-case",
+                              "--output-type", "onnx", "--output-path", str(half), "--cpu", *SEQ, "--max-windows",
+                              "8", "--precision", "fp16"]) == 0
+    assert deploy.main(["--model-repository", str(repository), "--model-name", "bert_fp16", "--model-path",
+                        str(half), "--backend", "python", "--instance-kind", "KIND_CPU", "--max-batch-size", "16",
+                        "--precision", "fp16"]) == 0
+    # A model whose config declares int64 token ids: the client must refuse it by name and dtype.
     shutil.copytree(repository / "bert", repository / "bert_int64")
     config = (repository / "bert" / "config.pbtxt").read_text().replace('name: "bert"', 'name: "bert_int64"')
     (repository / "bert_int64" / "config.pbtxt").write_text(config.replace(
@@ -315,6 +343,23 @@ def test_server_answers_equal_run_squad_and_inference(server, qa_run, protocol, 
                            str(SAMPLE / "dev-v2.0.json")]) == 0
     local = {r["id"]: r["answer"] for r in json.loads(capsys.readouterr().out)["results"]}
     assert served == local and sum(bool(a) for a in served.values()) > 80
+
+
+def test_server_serves_the_fp16_export(server, tmp_path, capsys):
+    import tritonclient.http
+
+    metadata = tritonclient.http.InferenceServerClient(server.http_url).get_model_metadata("bert_fp16")
+    assert {o["name"]: o["datatype"] for o in metadata["outputs"]} == {"output__0": "FP16", "output__1": "FP16"}
+    answers = {}
+    for name in ("bert", "bert_fp16"):
+        code, _, err = client(["--server-url", f"grpc://{server.grpc_url}", "--model-name", name, "--vocab-file",
+                               str(VOCAB), "--do-lower-case", "--predict-file", str(SAMPLE / "dev-v2.0.json"), *SEQ,
+                               "--output-dir", str(tmp_path / name)], capsys)
+        assert code == 0, err
+        answers[name] = json.loads((tmp_path / name / "predictions.json").read_text())
+    assert answers["bert_fp16"].keys() == answers["bert"].keys()
+    same = sum(answers["bert_fp16"][q] == answer for q, answer in answers["bert"].items())
+    assert same >= 0.95 * len(answers["bert"]), f"{same} of {len(answers['bert'])} answers as in fp32"
 
 
 def test_client_one_question_and_errors(server, tmp_path, capsys):
