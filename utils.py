@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import platform
 import random
 import re
 import resource
@@ -257,11 +258,13 @@ def prepack_linears(model: nn.Module, rows_hint: int = 384) -> int:
 
     CPU inference only. oneDNN on prepacked weights is a few percent faster than MKL's sgemm where MKL takes its
     AVX-512 path, and much faster where it does not (benchmarks/RESULTS.md, "Serving"). ``rows_hint`` (rows per
-    matmul, batch x sequence) picks the packing. Returns 0, changing nothing, where PyTorch was built without oneDNN.
+    matmul, batch x sequence) picks the packing. Returns 0, changing nothing, off x86 (where it was not measured) or
+    where PyTorch was built without oneDNN.
     """
     if model.training:
         raise ValueError("prepack_linears is for inference: call model.eval() first")
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available() \
+            or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return 0
     count = 0
     for parent in list(model.modules()):

@@ -341,7 +341,8 @@ def test_cached_features_rebuild_on_key_change_and_survive_an_unwritable_folder(
     assert "could not write the features cache" in caplog.text
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available() or utils.platform.machine() != "x86_64",
+                    reason="prepack_linears packs on x86 CPUs with a oneDNN build of PyTorch only")
 @pytest.mark.parametrize("act", ["gelu", "gelu_erf", "relu"])
 def test_prepacked_linears_give_the_same_logits(act, monkeypatch):
     from modeling import BertConfig, BertForQuestionAnswering
@@ -365,6 +366,9 @@ def test_prepacked_linears_give_the_same_logits(act, monkeypatch):
         after = model(ids, segments, mask)
     for a, b in zip(before, after):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     plain = BertForQuestionAnswering(config).eval()
+    monkeypatch.setattr(utils.platform, "machine", lambda: "aarch64")
+    assert utils.prepack_linears(plain) == 0 and isinstance(plain.qa_outputs, nn.Linear)
+    monkeypatch.setattr(utils.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     assert utils.prepack_linears(plain) == 0 and isinstance(plain.qa_outputs, nn.Linear)
