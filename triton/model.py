@@ -38,7 +38,7 @@ def get_model(checkpoint: str | Path, config_file: str | Path | None = None, pre
               device: str | torch.device = "cpu") -> TritonQA:
     """The wrapped model in eval mode on ``device``, in fp16 or fp32.
 
-    fp16 runs on the CPU too (PyTorch's and ONNX Runtime's CPU half kernels; slow where the CPU has no AVX512-FP16),
+    fp16 runs on the CPU too (PyTorch's and ONNX Runtime's CPU half kernels: fast with AVX512-FP16, slow without),
     so an fp16 export can be made and checked on a machine without a GPU.
     """
     device = torch.device(device)
@@ -57,6 +57,6 @@ def update_argparser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--config-file", default=None,
                        help="BERT config JSON; default: config.json (or bert_config.json) beside --checkpoint.")
     group.add_argument("--precision", choices=("fp16", "fp32"), default=None,
-                       help="Exported precision; default fp16 on a GPU, fp32 on the CPU (where fp16 is slow but "
-                            "checks an fp16 export without a GPU).")
+                       help="Exported precision; default fp16 on a GPU, fp32 on the CPU (fp16 runs there too, to "
+                            "make and check an fp16 export without a GPU).")
     group.add_argument("--cpu", action="store_true", help="Export on the CPU even when a GPU is present.")
