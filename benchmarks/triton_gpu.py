@@ -64,15 +64,6 @@ def onnx_sessions(path: Path, device: torch.device, tensorrt: bool, fp16: bool) 
         for name, options in wanted if name in available}
 
 
-def torch_call(module: torch.nn.Module, device: torch.device) -> Callable[[dict[str, np.ndarray]], object]:
-    """Host arrays in, host logits out (the copy back also waits for the GPU)."""
-    def call(batch: dict[str, np.ndarray]) -> object:
-        with torch.inference_mode():
-            outputs = module(*(torch.from_numpy(batch[name]).to(device) for name in triton_model.INPUT_NAMES))
-            return [output.cpu() for output in outputs]
-    return call
-
-
 def main() -> int:
     args = parse_arguments()
     device = torch.device(args.device)
@@ -87,9 +78,9 @@ def main() -> int:
         "benchmark": "triton_gpu", "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else bench.cpu_name(), "precision": args.precision, "torch": torch.__version__, "max_seq_length": 384}
     with tempfile.TemporaryDirectory(prefix="triton_gpu.") as work:
-        paths: dict[str, Callable] = {"eager": torch_call(model, device)}
+        paths: dict[str, Callable] = {"eager": bench.torch_call(model, device)}
         if args.compile:
-            paths["torch.compile"] = torch_call(torch.compile(model), device)
+            paths["torch.compile"] = bench.torch_call(torch.compile(model), device)
         example = export_model.example_inputs(windows, 8, device)
         for output_type, name in (("ts-trace", "model.pt"), ("onnx", "model.onnx")):
             path = Path(work) / name
@@ -100,7 +91,7 @@ def main() -> int:
             summary[f"parity_{output_type}"] = {key: report[key] for key in ("windows", "max_abs_logit_diff",
                                                                               "answers_identical")}
             if output_type == "ts-trace":
-                paths["torchscript"] = torch_call(exported, device)
+                paths["torchscript"] = bench.torch_call(exported, device)
         import onnxruntime
 
         summary["onnxruntime"] = onnxruntime.__version__

@@ -90,10 +90,13 @@ def measure(call: Callable[[dict[str, np.ndarray]], object], batches: list[dict[
     return latencies
 
 
-def torch_call(module: torch.nn.Module) -> Callable[[dict[str, np.ndarray]], object]:
+def torch_call(module: torch.nn.Module, device: str | torch.device = "cpu",
+               ) -> Callable[[dict[str, np.ndarray]], object]:
+    """Host arrays in, host logits out, as a server sees it (on a GPU the copy back also waits for the kernels)."""
     def call(batch: dict[str, np.ndarray]) -> object:
         with torch.inference_mode():
-            return module(*(torch.from_numpy(batch[name]) for name in triton_model.INPUT_NAMES))
+            outputs = module(*(torch.from_numpy(batch[name]).to(device) for name in triton_model.INPUT_NAMES))
+            return [output.cpu() for output in outputs]
     return call
 
 
